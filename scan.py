@@ -33,6 +33,20 @@ def scan_step(state, x, g, beta, q):
     return y.to(x.dtype), state
 
 
+def scan_step_sparse(state, x, g, beta, q, idx):
+    """One token of a sparse layer: only the K selected rows of S are read and written.
+
+    state (B,H,M,P) float32, updated in place; x (B,H,P); g, beta, q (B,H,K), the
+    values at slots idx (B,K), which all heads share. It equals scan_step with g,
+    beta, q zero outside idx: a zero log-decay and a zero write leave a row as it was.
+    """
+    B, H, M, P = state.shape
+    rows = idx[:, None, :, None].expand(B, H, idx.shape[1], P)   # (B,H,K,P)
+    y, S_k = scan_step(state.gather(2, rows), x, g, beta, q)     # touch K rows, not M
+    state.scatter_(2, rows, S_k)
+    return y, state
+
+
 def scan_naive(x, g, beta, q, initial_state=None):
     """The definition of FM: the recurrence, one token at a time. Slow, obviously right."""
     B, T, H, P = x.shape

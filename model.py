@@ -1,0 +1,430 @@
+"""
+A language model whose blocks mix tokens with Factorization Memory (dense `fm` or
+sparse `fm_sparse`), Mamba-2 (`mamba2`) or causal attention (`attention`).
+
+Every model is a stack of pre-norm blocks, x += mixer(norm(x)); x += mlp(norm(x)),
+so only the mixer differs. The three recurrent mixers share one scan (scan.py):
+
+    S_t[i,:] = exp(g[t,i]) * S_{t-1}[i,:] + beta[t,i] * x_t        S: (m, P) per head
+    y_t      = sum_i q[t,i] * S_t[i,:] + D_skip * x_t
+
+FM:      g = Δ·A·w_t,  beta = Δ·w_t,  w_t = softmax(r_t) (dense) or softmax over top-k (sparse)
+Mamba-2: g = Δ·A,      beta = Δ·B_t,  q = C_t
+
+Training runs the parallel forward (chunked scan); decoding runs one token at a
+time through a cache holding a constant-size state (a KV cache for attention).
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import scan as fm_scan
+
+MIXERS = ('fm', 'fm_sparse', 'mamba2', 'attention')
+SCANS = ('auto', 'naive', 'chunked', 'triton')
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    block_size: int = 256       # training context; recurrent mixers run past it
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4             # attention heads (recurrent mixers have expand*n_embd/head_dim heads)
+    dropout: float = 0.0
+    bias: bool = False
+    mixer: str = 'fm_sparse'    # fm | fm_sparse | mamba2 | attention
+    expand: int = 2             # E: inner width E·n_embd
+    head_dim: int = 64          # P
+    n_slots: int = 64           # m: memory slots (Mamba-2: state size N)
+    top_k: int = 8              # k: slots written and read per token (fm_sparse)
+    d_conv: int = 4
+    chunk_size: int = 64
+    scan: str = 'auto'          # auto: Triton on CUDA, chunked PyTorch elsewhere
+
+    def __post_init__(self):
+        def need(ok, name, msg):
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
+        need(self.mixer in MIXERS, 'mixer', f"must be one of {', '.join(MIXERS)}")
+        need(self.scan in SCANS, 'scan', f"must be one of {', '.join(SCANS)}")
+        for name in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'expand',
+                     'head_dim', 'n_slots', 'd_conv'):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                 "must be a positive integer")
+        need(0.0 <= self.dropout < 1.0, 'dropout', "must be in [0, 1)")
+        c = self.chunk_size
+        need(isinstance(c, int) and c >= 16 and c & (c - 1) == 0, 'chunk_size',
+             "must be a power of two >= 16")
+        if self.mixer == 'attention':
+            need(self.n_embd % self.n_head == 0, 'n_head', f"must divide n_embd={self.n_embd}")
+            need((self.n_embd // self.n_head) % 2 == 0, 'n_head',
+                 f"n_embd/n_head must be even for RoPE (got {self.n_embd // self.n_head})")
+        else:
+            need(self.expand * self.n_embd % self.head_dim == 0, 'head_dim',
+                 f"must divide the inner width expand*n_embd={self.expand * self.n_embd}")
+        if self.mixer == 'fm_sparse':
+            need(1 <= self.top_k <= self.n_slots - 1, 'top_k',
+                 f"must be in 1..n_slots-1 = 1..{self.n_slots - 1} for fm_sparse "
+                 "(top_k = n_slots is the dense mixer 'fm')")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    def __init__(self, config):
+        super().__init__()
+        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        self.w1 = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.w3 = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.w2 = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+# -----------------------------------------------------------------------------
+# The recurrent mixers: FM (dense and sparse) and Mamba-2
+
+
+@dataclass
+class RecurrentCache:
+    conv: torch.Tensor   # (B, channels, d_conv-1): the last inputs of the causal conv
+    S: torch.Tensor      # (B, H, M, P) float32: the memory
+
+
+class RecurrentMixer(nn.Module):
+    """FM (mixer='fm' or 'fm_sparse') or Mamba-2 (mixer='mamba2'): one in_proj, a
+    short causal conv, the shared scan, a gated RMSNorm and out_proj."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.kind = config.mixer
+        self.d_inner = config.expand * config.n_embd
+        self.P = config.head_dim
+        self.H = self.d_inner // self.P
+        self.M = config.n_slots
+        self.k = config.top_k
+        # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H)
+        self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.H, bias=config.bias)
+        self.conv_dim = self.d_inner + 2 * self.M      # conv over [x, r, q]
+        self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
+                              padding=config.d_conv - 1)
+        # Mamba-2's initialisation: Δ = softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in [-16, -1].
+        dt = torch.exp(torch.rand(self.H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.H).uniform_(1, 16)))
+        self.D_skip = nn.Parameter(torch.ones(self.H))
+        self.norm = RMSNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    # --- the gates: DESIGN.md's equations, in its symbols ---------------------
+    def gates(self, r, q, dt):
+        """r, q (..., M) after conv; dt (..., H). Returns g, beta, q_read (..., H, M) float32
+        (g is (..., H, 1) for Mamba-2: one decay for all slots)."""
+        Δ = F.softplus(dt.float() + self.dt_bias)                  # (..., H) > 0
+        A = -torch.exp(self.A_log.float())                         # (H)      < 0
+        if self.kind == 'mamba2':
+            g = (Δ * A)[..., None]                                 # (..., H, 1)
+            beta = Δ[..., None] * r.float()[..., None, :]          # Δ·B_t
+            return g, beta, q.float()[..., None, :].expand_as(beta)
+        w, active = self.route(r)                                  # (..., M)
+        g = (Δ * A)[..., None] * w[..., None, :]                   # log-decay of slot i, <= 0
+        beta = Δ[..., None] * w[..., None, :]                      # write strength into slot i
+        q_read = q.float() if active is None else q.float() * active   # sparse: read only active slots
+        return g, beta, q_read[..., None, :].expand_as(beta)
+
+    def route(self, r):
+        """w (..., M): softmax over all slots (fm), or over the top-k logits and 0 elsewhere
+        (fm_sparse, which also returns the 0/1 mask of active slots)."""
+        r = r.float()
+        if self.kind == 'fm':
+            return r.softmax(-1), None
+        top, idx = r.topk(self.k, dim=-1)
+        w = torch.zeros_like(r).scatter(-1, idx, top.softmax(-1))
+        active = torch.zeros_like(r).scatter(-1, idx, 1.0)
+        return w, active
+
+    def split(self, zxrqdt):
+        return torch.split(zxrqdt, [self.d_inner, self.conv_dim, self.H], dim=-1)
+
+    def output(self, y, x, z):
+        """y, x (..., H, P); z (..., E·D) -> (..., n_embd)."""
+        y = y + self.D_skip[:, None].to(y.dtype) * x
+        y = y.flatten(-2)
+        return self.dropout(self.out_proj(self.norm(y * F.silu(z))))
+
+    def scan_fn(self, device):
+        mode = self.config.scan
+        if mode == 'auto':
+            mode = 'triton' if device.type == 'cuda' else 'chunked'
+        if mode == 'triton':
+            import kernels
+            return lambda *a: kernels.scan_triton(*a, chunk_size=self.config.chunk_size)
+        if mode == 'naive':
+            return fm_scan.scan_naive
+        return lambda *a: fm_scan.scan_chunked(*a, chunk_size=self.config.chunk_size)
+
+    # --- parallel form -------------------------------------------------------
+    def forward(self, u, return_cache=False):
+        """u (B,T,n_embd) -> (B,T,n_embd), and with return_cache the cache to decode on from."""
+        B, T, _ = u.shape
+        z, xrq, dt = self.split(self.in_proj(u))
+        xrq_c = self.conv(xrq.transpose(1, 2))[..., :T].transpose(1, 2)   # causal: keep the first T
+        x, r, q = torch.split(xrq_c, [self.d_inner, self.M, self.M], dim=-1)
+        x, q = F.silu(x), F.silu(q)
+        if self.kind == 'mamba2':
+            r = F.silu(r)                                          # Mamba-2's B; FM's r stays raw (router logits)
+        g, beta, q_read = self.gates(r, q, dt)                     # (B,T,H,M)
+        x = x.view(B, T, self.H, self.P)
+        y, S = self.scan_fn(u.device)(x, g, beta, q_read)
+        out = self.output(y, x, z)
+        if not return_cache:
+            return out
+        K = self.config.d_conv - 1
+        conv = F.pad(xrq.transpose(1, 2), (max(K - T, 0), 0))[..., -K:] if K else xrq.new_zeros(B, self.conv_dim, 0)
+        return out, RecurrentCache(conv=conv, S=S)
+
+    # --- one token -----------------------------------------------------------
+    def step(self, u, cache):
+        """u (B,n_embd) -> (B,n_embd); updates cache in place. Cost does not grow with position."""
+        B = u.shape[0]
+        z, xrq, dt = self.split(self.in_proj(u))
+        window = torch.cat([cache.conv, xrq[..., None]], dim=-1)   # (B, ch, d_conv)
+        cache.conv = window[..., 1:]
+        xrq_c = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
+        x, r, q = torch.split(xrq_c, [self.d_inner, self.M, self.M], dim=-1)
+        x, q = F.silu(x), F.silu(q)
+        x = x.view(B, self.H, self.P)
+        if self.kind == 'mamba2':
+            r = F.silu(r)
+        if self.kind == 'fm_sparse':
+            y, cache.S = self.sparse_step(cache.S, x, r, q, dt)
+        else:
+            g, beta, q_read = self.gates(r, q, dt)                 # (B,H,M)
+            y, cache.S = self.step_fn(cache.S)(cache.S, x, g, beta, q_read)
+        return self.output(y, x, z)
+
+    def sparse_step(self, S, x, r, q, dt):
+        """Gather the k active rows of S, update and read them, scatter them back."""
+        top, idx = r.float().topk(self.k, dim=-1)                  # (B,k)
+        w = top.softmax(-1)
+        Δ = F.softplus(dt.float() + self.dt_bias)                  # (B,H)
+        A = -torch.exp(self.A_log.float())
+        g = (Δ * A)[..., None] * w[:, None, :]                     # (B,H,k)
+        beta = Δ[..., None] * w[:, None, :]
+        q_k = q.float().gather(-1, idx)[:, None, :].expand_as(beta)
+        if S.is_cuda and self.config.scan in ('auto', 'triton'):
+            import kernels
+            return kernels.scan_step_sparse_triton(S, x, g, beta, q_k, idx)
+        return fm_scan.scan_step_sparse(S, x, g, beta, q_k, idx)
+
+    def step_fn(self, S):
+        if S.is_cuda and self.config.scan in ('auto', 'triton'):
+            import kernels
+            return kernels.scan_step_triton
+        return fm_scan.scan_step
+
+    def new_cache(self, B, device):
+        return RecurrentCache(conv=torch.zeros(B, self.conv_dim, self.config.d_conv - 1, device=device),
+                              S=torch.zeros(B, self.H, self.M, self.P, device=device))
+
+
+# -----------------------------------------------------------------------------
+# The attention baseline: causal softmax attention with RoPE and a KV cache
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor      # (B, n_head, capacity, hd)
+    v: torch.Tensor
+    len: int = 0
+
+
+def rope(x, pos):
+    """Rotate pairs of channels of x (B, nh, T, hd) by angles pos * 10000^(-2i/hd)."""
+    hd = x.shape[-1]
+    freq = 10000.0 ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = pos.float()[:, None] * freq[None, :]                     # (T, hd/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.nh = config.n_head
+        self.hd = config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def heads(self, u, pos):
+        B, T, C = u.shape
+        q, k, v = self.qkv(u).view(B, T, 3, self.nh, self.hd).permute(2, 0, 3, 1, 4)  # (B,nh,T,hd) each
+        return rope(q, pos), rope(k, pos), v
+
+    def forward(self, u, return_cache=False):
+        B, T, C = u.shape
+        q, k, v = self.heads(u, torch.arange(T, device=u.device))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        out = self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(B, T, C)))
+        if not return_cache:
+            return out
+        return out, KVCache(k=k, v=v, len=T)
+
+    def step(self, u, cache):
+        B, C = u.shape
+        pos = torch.tensor([cache.len], device=u.device)
+        q, k, v = self.heads(u[:, None], pos)
+        if cache.len == cache.k.shape[2]:                          # grow by doubling: amortised O(1) appends
+            cache.k = torch.cat([cache.k, torch.zeros_like(cache.k)], dim=2)
+            cache.v = torch.cat([cache.v, torch.zeros_like(cache.v)], dim=2)
+        cache.k[:, :, cache.len] = k[:, :, 0]
+        cache.v[:, :, cache.len] = v[:, :, 0]
+        cache.len += 1
+        y = F.scaled_dot_product_attention(q, cache.k[:, :, :cache.len], cache.v[:, :, :cache.len])
+        return self.out_proj(y.reshape(B, C))
+
+    def new_cache(self, B, device):
+        z = torch.zeros(B, self.nh, 16, self.hd, device=device)
+        return KVCache(k=z, v=z.clone(), len=0)
+
+
+# -----------------------------------------------------------------------------
+# The language model
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = RMSNorm(config.n_embd)
+        self.mixer = Attention(config) if config.mixer == 'attention' else RecurrentMixer(config)
+        self.norm2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, return_cache=False):
+        h = self.mixer(self.norm1(x), return_cache)
+        h, cache = h if return_cache else (h, None)
+        x = x + h
+        x = x + self.mlp(self.norm2(x))
+        return x, cache
+
+    def step(self, x, cache):
+        x = x + self.mixer.step(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class LM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                      # tied embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():                    # GPT-2's scaled init of residual outputs
+            if name.endswith('out_proj.weight') or name.endswith('w2.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        """idx (B,T) -> logits (B,T,V), and the mean cross-entropy if targets (B,T) are given."""
+        x = self.drop(self.wte(idx))
+        for block in self.blocks:
+            x, _ = block(x)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- recurrent decoding --------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, idx):
+        """Parallel forward over the prompt idx (B,T) that also returns each layer's cache."""
+        x = self.wte(idx)
+        caches = []
+        for block in self.blocks:
+            x, cache = block(x, return_cache=True)
+            caches.append(cache)
+        return self.lm_head(self.norm_f(x)), caches
+
+    @torch.no_grad()
+    def step(self, idx, caches):
+        """One token idx (B,) -> logits (B,V); advances every layer's cache in place."""
+        x = self.wte(idx)
+        for block, cache in zip(self.blocks, caches):
+            x = block.step(x, cache)
+        return self.lm_head(self.norm_f(x))
+
+    def new_cache(self, batch_size, device):
+        """Empty caches, for decoding from no prompt at all."""
+        return [block.mixer.new_cache(batch_size, device) for block in self.blocks]
+
+    @staticmethod
+    def cache_bytes(caches):
+        """Bytes of decoding state: constant for the recurrent mixers, growing for attention."""
+        total = 0
+        for c in caches:
+            if isinstance(c, KVCache):
+                total += 2 * c.k[:, :, :c.len].numel() * c.k.element_size()
+            else:
+                total += c.conv.numel() * c.conv.element_size() + c.S.numel() * c.S.element_size()
+        return total
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Prefill on idx (B,T) in parallel, then sample one token at a time through the caches."""
+        logits, caches = self.prefill(idx)
+        logits = logits[:, -1]
+        for _ in range(max_new_tokens):
+            logits = logits.float() / max(temperature, 1e-6)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('inf')
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            logits = self.step(idx_next[:, 0], caches)
+        return idx
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on matrices (and embeddings) only, not on gains, biases, A_log, dt_bias, D."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
