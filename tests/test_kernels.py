@@ -1,0 +1,197 @@
+"""kernels.py under the Triton interpreter (CPU), against scan.py's definition.
+
+Forward and every gradient of scan_triton equal scan_naive's (autograd through the
+recurrence); the decode steps equal scan_step / scan_step_sparse. The matrix is
+not a full product (the interpreter is slow) but covers each value of each axis:
+routing {dense, sparse top-k, broadcast g}, decay {weak, strong down to -20},
+T {1, 17, 64, 200}, M {16, 64}, P {32, 64}, initial state {no, yes}, fp32 and bf16.
+
+Tolerances are relative to the largest reference value:
+- fp32: 1e-4. Both sides compute in fp32; only the summation order differs.
+- bf16: 1e-2. Both sides read the same bf16 inputs, compute in fp32 and round
+  their outputs (y, gradients) once to bf16. Two roundings of nearby values
+  differ by at most one bf16 ulp, 2^-8 = 3.9e-3 of the largest value; 1e-2
+  leaves room for that plus fp32 reassociation, and is far below what a wrong
+  term would cost (errors of order 1).
+"""
+import os
+os.environ['TRITON_INTERPRET'] = '1'   # before triton is imported: the kernels run on CPU tensors
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+import kernels
+import scan
+
+# triton.jit picks interpreter or compiler once, at import, for triton's own functions
+# (tl.sum, ...) too. If this process imported triton before the line above (another
+# test file did), the interpreter cannot run here: run this file in a fresh process.
+FRESH_PROCESS = not isinstance(tl.sum, InterpretedFunction)
+
+if FRESH_PROCESS:
+    def test_in_fresh_process():
+        r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__],
+                           env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_in_this_process(request):
+    if FRESH_PROCESS and request.node.name != 'test_in_fresh_process':
+        pytest.skip('triton was imported without the interpreter; test_in_fresh_process runs this')
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def rel_err(a, b):
+    # The floor compares an exactly-zero reference in absolute terms (dg at T=1 with no
+    # initial state: the decay acts on nothing, and the kernel's dg is fp32 noise ~1e-7).
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-2)).item()
+
+
+def inputs(T, M, P, routing, decay, dtype, B=2, H=2, seed=0):
+    """Gates shaped as model.py builds them: beta = Δ·w, g = -(per-step magnitude)·w; sparse: top-4 of M."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, 1, M, generator=gen).expand(B, T, H, M)   # routing shared by heads
+    if routing == 'sparse':
+        top, idx = r.topk(4, dim=-1)
+        w = torch.zeros_like(r).scatter(-1, idx, top.softmax(-1))   # exact zeros off the top-k
+    else:
+        w = r.softmax(-1)
+    delta = torch.nn.functional.softplus(torch.randn(B, T, H, 1, generator=gen))
+    lo, hi = {'weak': (0.01, 0.5), 'strong': (0.01, 20.0)}[decay]
+    shape = (B, T, H, 1) if routing == 'broadcast' else (B, T, H, M)
+    # per-step log-decays spread log-uniformly over [-hi, -lo]: strong ones reach -20 in one step
+    mag = torch.exp(torch.empty(shape).uniform_(torch.log(torch.tensor(lo)), torch.log(torch.tensor(hi)),
+                                                generator=gen))
+    g = -mag if routing == 'broadcast' else -mag * (w > 0)
+    beta = delta * w
+    q = torch.nn.functional.silu(torch.randn(B, T, H, M, generator=gen)) * (w > 0)
+    x = torch.randn(B, T, H, P, generator=gen)
+    S0 = torch.randn(B, H, M, P, generator=gen)
+    return [t.to(dtype) for t in (x, g, beta, q)] + [S0]
+
+
+F32, BF16 = torch.float32, torch.bfloat16
+# The interpreter's cost grows with the programs launched (chunks x B*H x slot blocks),
+# so the long sequences run with a smaller batch. M=64 with P=64 takes two slot blocks
+# (BM=32): the partial sums of y and dx over slot blocks are exercised too.
+CASES = [  # routing, decay, T, M, P, initial state, dtype, chunk_size, B, H
+    ('dense', 'weak', 1, 16, 32, False, F32, 64, 2, 2),
+    ('dense', 'strong', 200, 64, 32, True, F32, 64, 1, 1),
+    ('dense', 'strong', 200, 64, 64, True, F32, 64, 1, 2),      # the model's M, P
+    ('dense', 'strong', 17, 64, 64, True, F32, 16, 2, 2),        # one sub-chunk per chunk
+    ('sparse', 'strong', 17, 16, 64, True, F32, 64, 2, 2),
+    ('sparse', 'weak', 64, 64, 64, False, F32, 64, 1, 2),
+    ('sparse', 'strong', 200, 16, 32, False, F32, 64, 1, 2),
+    ('broadcast', 'strong', 64, 16, 32, True, F32, 64, 2, 2),
+    ('broadcast', 'weak', 200, 64, 64, False, F32, 128, 1, 1),
+    ('dense', 'strong', 64, 64, 64, True, BF16, 64, 1, 2),
+    ('sparse', 'weak', 17, 16, 32, False, BF16, 64, 2, 2),
+    ('broadcast', 'strong', 200, 16, 64, True, BF16, 64, 1, 1),
+]
+
+
+@pytest.mark.parametrize('routing,decay,T,M,P,init,dtype,chunk,B,H', CASES,
+                         ids=lambda v: str(v).replace('torch.', ''))
+def test_scan_triton_equals_naive(routing, decay, T, M, P, init, dtype, chunk, B, H):
+    x, g, beta, q, S0 = inputs(T, M, P, routing, decay, dtype, B, H)
+    leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(B, T, H, P, generator=gen).to(dtype)
+    dS = torch.randn(B, H, M, P, generator=gen)
+    results = []
+    for fn in (scan.scan_naive, lambda *a, **kw: kernels.scan_triton(*a, **kw, chunk_size=chunk)):
+        y, S = fn(*leaves[:4], initial_state=leaves[4] if init else None)
+        assert y.dtype == dtype and S.dtype == torch.float32
+        ((y.float() * dy.float()).sum() + (S * dS).sum()).backward()
+        grads = [t.grad for t in leaves[:4]] + ([leaves[4].grad] if init else [])
+        results.append([y.detach(), S.detach()] + grads)
+        for t in leaves:
+            t.grad = None
+    names = ['y', 'S_final', 'dx', 'dg', 'dbeta', 'dq', 'dS_initial']
+    errs = {}
+    for name, got, ref in zip(names, results[1], results[0]):
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        assert torch.isfinite(got).all(), f"{name} has inf/NaN"
+        errs[name] = rel_err(got, ref)
+    print(f"{routing} {decay} T={T} M={M} P={P} init={init} {dtype}: max rel err {max(errs.values()):.1e}")
+    assert all(e <= TOL[dtype] for e in errs.values()), errs
+
+
+def test_strong_decay_at_chunk_64_is_finite():
+    """Every step at -20 in every slot: a chunk decays by 1280 nats, far past fp32's e^-88."""
+    T, M, P = 64, 16, 32
+    x, g, beta, q, S0 = inputs(T, M, P, 'dense', 'weak', torch.float32)
+    g = torch.full_like(g, -20.0)
+    leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
+    y, S = kernels.scan_triton(*leaves[:4], initial_state=leaves[4])
+    (y.sum() + S.sum()).backward()
+    y_ref, S_ref = scan.scan_naive(x, g, beta, q, S0)
+    for t in [y, S] + [t.grad for t in leaves]:
+        assert torch.isfinite(t).all()
+    assert rel_err(y, y_ref) <= 1e-4 and rel_err(S, S_ref) <= 1e-4
+
+
+B, H = 2, 3   # the decode steps are cheap
+
+
+@pytest.mark.parametrize('M,P', [(64, 64), (24, 40)])            # non-powers of 2: masked tiles
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('broadcast', [False, True])
+def test_step_dense_equals_scan_step(M, P, dtype, broadcast):
+    gen = torch.Generator().manual_seed(0)
+    state = torch.randn(B, H, M, P, generator=gen)
+    x = torch.randn(B, H, P, generator=gen).to(dtype)
+    g = -20 * torch.rand(B, H, 1 if broadcast else M, generator=gen)
+    beta, q = torch.rand(B, H, M, generator=gen), torch.randn(B, H, M, generator=gen)
+    y_ref, S_ref = scan.scan_step(state.clone(), x, g, beta, q)
+    S = state.clone()
+    y, S_out = kernels.scan_step_triton(S, x, g, beta, q)
+    assert y.dtype == dtype and S_out.data_ptr() == S.data_ptr()      # updated in place
+    assert rel_err(S_out, S_ref) <= 1e-6
+    assert rel_err(y.float(), y_ref.float()) <= TOL[dtype]
+
+
+@pytest.mark.parametrize('M,K', [(16, 4), (64, 7)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_step_sparse_touches_only_k_rows(M, K, dtype):
+    P = 64
+    gen = torch.Generator().manual_seed(0)
+    state = torch.randn(B, H, M, P, generator=gen)
+    idx = torch.rand(B, M, generator=gen).topk(K, dim=-1).indices      # distinct slots, shared by heads
+    x = torch.randn(B, H, P, generator=gen).to(dtype)
+    g = -20 * torch.rand(B, H, K, generator=gen)
+    beta, q = torch.rand(B, H, K, generator=gen), torch.randn(B, H, K, generator=gen)
+    y_ref, S_ref = scan.scan_step_sparse(state.clone(), x, g, beta, q, idx)
+    # the same step written densely: zero g, beta, q outside idx
+    dense = lambda v: torch.zeros(B, H, M).scatter(-1, idx[:, None].expand(B, H, K), v)
+    y_dense, S_dense = scan.scan_step(state.clone(), x, dense(g), dense(beta), dense(q))
+    S = state.clone()
+    y, S_out = kernels.scan_step_sparse_triton(S, x, g, beta, q, idx)
+    assert S_out.data_ptr() == S.data_ptr()
+    for y_r, S_r in ((y_ref, S_ref), (y_dense, S_dense)):
+        assert rel_err(S_out, S_r) <= 1e-6
+        assert rel_err(y.float(), y_r.float()) <= TOL[dtype]
+    untouched = torch.ones(B, M, dtype=torch.bool).scatter(-1, idx, False)[:, None, :].expand(B, H, M)
+    assert torch.equal(S_out[untouched], state[untouched])           # bit-identical: no decay, no write
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(kernels, '_chunk_state', triton.runtime.JITFunction(kernels._chunk_state.fn))
+    x, g, beta, q, _ = inputs(4, 16, 32, 'dense', 'weak', torch.float32)
+    with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):
+        kernels.scan_triton(x, g, beta, q)
+
+
+def test_bad_shapes_raise():
+    x, g, beta, q, _ = inputs(4, 16, 32, 'dense', 'weak', torch.float32)
+    with pytest.raises(ValueError, match='powers of 2'):
+        kernels.scan_triton(x[..., :24], g, beta, q)
