@@ -1,0 +1,105 @@
+"""
+Sample text from a checkpoint written by train.py.
+
+    python sample.py --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=500
+    python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0.8 --top_k=50
+
+Generation runs through model.generate: a parallel prefill over the prompt, then one
+token at a time with constant cost per token for the recurrent mixers. The samples are
+printed to stdout, each followed by a line of dashes.
+"""
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from train import autocast_context, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, resolve_dtype
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = 'out'                 # the checkpoint is out_dir/ckpt.pt
+    start: str = '\n'                    # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8             # < 1 sharper, > 1 more random
+    top_k: Optional[int] = 200           # sample among the top_k most likely tokens; None for all
+    seed: int = 1337
+    device: str = 'auto'                 # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'mps'
+    dtype: str = 'auto'                  # 'auto' (bfloat16 on CUDA, else float32) | 'float32' | 'bfloat16' | 'float16'
+    data_dir: str = 'data'               # only for checkpoints that carry no vocabulary of their own
+
+
+def tokenizer(ckpt, cfg):
+    """(encode, decode) for the checkpoint's dataset: its own character table, or GPT-2 BPE."""
+    meta = ckpt.get('meta') or {}
+    itos = meta.get('itos')
+    if itos is None and meta.get('tokenizer') != 'gpt2':   # fall back to the dataset's meta.pkl
+        path = os.path.join(cfg.data_dir, ckpt['config'].get('dataset', ''), 'meta.pkl')
+        if os.path.exists(path):
+            with open(path, 'rb') as f:
+                m = pickle.load(f)
+            if 'itos' in m:
+                itos = [m['itos'][i] for i in range(len(m['itos']))]
+    if itos is not None:
+        stoi = {ch: i for i, ch in enumerate(itos)}
+
+        def encode(s):
+            bad = sorted({c for c in s if c not in stoi})
+            if bad:
+                raise SystemExit(f"sample.py: the prompt has characters outside the vocabulary of "
+                                 f"'{meta.get('dataset', ckpt['config'].get('dataset'))}': "
+                                 f"{', '.join(repr(c) for c in bad)}")
+            return [stoi[c] for c in s]
+        return encode, lambda ids: ''.join(itos[i] for i in ids)
+    try:
+        import tiktoken
+        enc = tiktoken.get_encoding('r50k_base')
+    except Exception as e:  # noqa: BLE001
+        raise SystemExit(f"sample.py: could not load the GPT-2 BPE (tiktoken 'r50k_base': {type(e).__name__}); "
+                         "connect to the network or set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+    # ids past GPT-2's 50257 exist only as padding of the embedding (vocab_size 50304): skip them
+    return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), \
+        (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
+
+
+def main(argv=None):
+    cfg = SampleConfig()
+    parse_config(cfg, sys.argv[1:] if argv is None else argv, prog='sample.py')
+    for name in ('num_samples', 'max_new_tokens'):
+        if getattr(cfg, name) < (1 if name == 'num_samples' else 0):
+            raise SystemExit(f"sample.py: {name}={getattr(cfg, name)} must be positive")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise SystemExit(f"sample.py: top_k={cfg.top_k} must be >= 1 (or None)")
+    start = cfg.start
+    if start.startswith('FILE:'):
+        try:
+            with open(start[5:], 'r', encoding='utf-8') as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"sample.py: could not read the prompt file {start[5:]}: {e}")
+
+    device = resolve_device(cfg.device)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), map_location='cpu')
+    encode, decode = tokenizer(ckpt, cfg)
+    ids = encode(start)
+    if not ids:
+        raise SystemExit("sample.py: the prompt is empty; give --start with at least one character")
+    model = model_from_checkpoint(ckpt, device, dropout=0.0)
+    model.eval()
+    ctx = autocast_context(device, resolve_dtype(cfg.dtype, device))
+    torch.manual_seed(cfg.seed)
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None]
+    top_k = None if cfg.top_k is None else min(cfg.top_k, model.config.vocab_size)
+    with torch.no_grad(), ctx:
+        for _ in range(cfg.num_samples):
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k)
+            print(decode(y[0].tolist()))
+            print('---------------', flush=True)
+
+
+if __name__ == '__main__':
+    main()

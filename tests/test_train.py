@@ -1,0 +1,310 @@
+"""
+train.py, sample.py and the data prepare scripts, end to end on CPU with tiny models.
+
+The text comes from the shared data directory: $FM_SHARED_DIR, else `shared/` beside the
+repository root (CI clones the repo next to it). Datasets are prepared into a temporary
+directory (train.py's --data_dir), so the repo's data/ is never touched.
+"""
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get('FM_SHARED_DIR', REPO.parent / 'shared'))
+TEXT = SHARED / 'data' / 'tinyshakespeare.txt'
+TIKTOKEN_CACHE = SHARED / 'tiktoken'
+
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+from model import ModelConfig  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not TEXT.exists(), reason=f"no {TEXT} (set FM_SHARED_DIR)")
+
+TINY = ['--dataset=shakespeare_char', '--mixer=fm_sparse', '--n_layer=2', '--n_embd=64', '--block_size=64',
+        '--batch_size=4', '--eval_interval=10', '--eval_iters=2', '--device=cpu', '--compile=False',
+        '--log_interval=1', '--learning_rate=1e-2', '--warmup_iters=5', '--lr_decay_iters=30', '--min_lr=1e-3']
+
+
+def run(*args, env=None, check=True, timeout=240):
+    """Run a repo script with this interpreter; returns the CompletedProcess."""
+    e = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'), **(env or {}))
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=e, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def assert_one_line_error(p, *needles):
+    assert p.returncode != 0, p.stdout + p.stderr
+    err = p.stderr.strip()
+    assert 'Traceback' not in err, err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """shakespeare_char prepared from the first 200k characters of the shared text."""
+    d = tmp_path_factory.mktemp('data')
+    src = d / 'slice.txt'
+    src.write_text(TEXT.read_text(encoding='utf-8')[:200_000], encoding='utf-8')
+    p = run('data/shakespeare_char/prepare.py', '--input', src, '--out_dir', d / 'shakespeare_char')
+    assert 'train.bin 180,000 tokens, val.bin 20,000 tokens' in p.stdout, p.stdout
+    return d
+
+
+@pytest.fixture(scope='module')
+def runs(data_dir, tmp_path_factory):
+    """A 30-iteration run, and a 20-iteration run resumed to 30, with the same settings."""
+    full, part = tmp_path_factory.mktemp('full'), tmp_path_factory.mktemp('part')
+    common = [*TINY, f'--data_dir={data_dir}']
+    run('train.py', *common, '--max_iters=30', f'--out_dir={full}')
+    run('train.py', *common, '--max_iters=20', f'--out_dir={part}')
+    ckpt20 = torch.load(part / 'ckpt.pt', weights_only=True)
+    p = run('train.py', *common, '--max_iters=30', f'--out_dir={part}', '--init_from=resume')
+    return {'full': full, 'part': part, 'ckpt20': ckpt20, 'resume_stdout': p.stdout}
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def test_prepare_char(data_dir):
+    d = data_dir / 'shakespeare_char'
+    meta = pickle.loads((d / 'meta.pkl').read_bytes())
+    text = (data_dir / 'slice.txt').read_text(encoding='utf-8')
+    assert meta['vocab_size'] == len(set(text)) == len(meta['itos'])
+    train_ids = np.fromfile(d / 'train.bin', dtype=np.uint16)
+    val_ids = np.fromfile(d / 'val.bin', dtype=np.uint16)
+    assert ''.join(meta['itos'][i] for i in train_ids) + ''.join(meta['itos'][i] for i in val_ids) == text
+
+
+def test_prepare_refuses_empty_split(tmp_path):
+    (tmp_path / 'tiny.txt').write_text('a')   # 90% of one character is an empty train split
+    p = run('data/shakespeare_char/prepare.py', '--input', tmp_path / 'tiny.txt', '--out_dir', tmp_path / 'out',
+            check=False)
+    assert_one_line_error(p, 'too short')
+    assert not (tmp_path / 'out' / 'train.bin').exists()
+
+
+@pytest.mark.skipif(not TIKTOKEN_CACHE.exists(), reason='no tiktoken cache')
+def test_prepare_bpe(tmp_path):
+    src = tmp_path / 'slice.txt'
+    src.write_text(TEXT.read_text(encoding='utf-8')[:20_000], encoding='utf-8')
+    run('data/shakespeare/prepare.py', '--input', src, '--out_dir', tmp_path, env={'TIKTOKEN_CACHE_DIR': str(TIKTOKEN_CACHE)})
+    import tiktoken
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(TIKTOKEN_CACHE))
+    enc = tiktoken.get_encoding('r50k_base')
+    ids = np.concatenate([np.fromfile(tmp_path / f'{s}.bin', dtype=np.uint16) for s in ('train', 'val')])
+    assert enc.decode(ids.tolist()) == src.read_text(encoding='utf-8')
+    assert pickle.loads((tmp_path / 'meta.pkl').read_bytes())['vocab_size'] == 50257
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def test_parse_config_types_and_files(tmp_path):
+    cfg = train.TrainConfig()
+    f = tmp_path / 'c.py'
+    f.write_text("import math\nmax_iters = 7\nlearning_rate = 1\nn_slots = 32\n_private = 'ignored'\n")
+    got = train.parse_config(cfg, [str(f), '--max_iters=9', '--compile=True', '--dropout=0.1'], extra=ModelConfig)
+    assert (cfg.max_iters, cfg.learning_rate, cfg.compile) == (9, 1.0, True)
+    assert isinstance(cfg.learning_rate, float)
+    assert got == {'max_iters': 9, 'learning_rate': 1.0, 'n_slots': 32, 'compile': True, 'dropout': 0.1}
+
+
+@pytest.mark.parametrize('argv,needle', [
+    (['--bogus=1'], "unknown key 'bogus'"),
+    (['--n_layer=abc'], '--n_layer=abc is not a valid int'),
+    (['--compile=maybe'], '--compile=maybe is not a valid bool'),
+    (['--max_iters=1.5'], 'is not a valid int'),
+    (['--max_iters', '5'], 'expected --key=value'),
+])
+def test_parse_config_rejects(argv, needle):
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(train.TrainConfig(), argv, extra=ModelConfig, prog='train.py')
+    msg = str(e.value.code)
+    assert needle in msg and 'valid keys:' in msg and 'learning_rate' in msg and 'n_slots' in msg
+    assert '\n' not in msg
+
+
+def test_bad_key_exits_with_one_line():
+    p = run('train.py', '--n_layrs=2', check=False)
+    assert_one_line_error(p, "unknown key 'n_layrs'", 'valid keys:', 'n_layer', 'top_k')
+    p = run('train.py', '--mixer=transformer', '--device=cpu', check=False)
+    assert_one_line_error(p, 'mixer')
+
+
+def test_missing_dataset_names_the_prepare_command(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(['--dataset=shakespeare', f'--data_dir={tmp_path}', '--device=cpu', f'--out_dir={tmp_path}/o'])
+    assert 'data/shakespeare/prepare.py' in str(e.value.code) and '\n' not in str(e.value.code)
+
+
+# --- training, resume, sampling ------------------------------------------------------------
+
+
+def test_train_writes_log_and_checkpoint(runs):
+    log = read_log(runs['part'])
+    steps = [r for r in log if 'loss' in r]
+    evals = [r for r in log if 'val_loss' in r]
+    assert [r['iter'] for r in steps] == list(range(30))
+    assert [r['iter'] for r in evals] == [0, 10, 20, 30]     # the resumed run does not re-evaluate iter 20
+    assert all({'lr', 'ms_per_iter', 'tokens_per_s'} <= set(r) for r in steps)
+    assert evals[-1]['val_loss'] < evals[0]['val_loss']
+    ck = torch.load(runs['part'] / 'ckpt.pt', weights_only=True)
+    assert ck['format'] == train.CKPT_FORMAT and ck['iter_num'] == 30
+    assert ck['model_args']['mixer'] == 'fm_sparse' and ck['model_args']['n_embd'] == 64
+    assert ck['config']['max_iters'] == 30 and 'rng' in ck and ck['meta']['tokenizer'] == 'char'
+    assert runs['ckpt20']['iter_num'] == 20
+    assert 'resuming at iter 20' in runs['resume_stdout']
+
+
+def test_resume_reproduces_uninterrupted_run(runs):
+    full = {(r['iter'], k): r[k] for r in read_log(runs['full']) for k in ('loss', 'val_loss') if k in r}
+    part = {(r['iter'], k): r[k] for r in read_log(runs['part']) for k in ('loss', 'val_loss') if k in r}
+    assert full.keys() == part.keys()
+    for key in sorted(full):
+        assert part[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+    a = torch.load(runs['full'] / 'ckpt.pt', weights_only=True)['model']
+    b = torch.load(runs['part'] / 'ckpt.pt', weights_only=True)['model']
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sample_prints_requested_length(runs):
+    p = run('sample.py', f"--out_dir={runs['part']}", '--max_new_tokens=40', '--num_samples=2', '--device=cpu',
+            '--start=ROMEO:')
+    samples = p.stdout.split('\n---------------\n')
+    assert len(samples) == 3 and samples[2] == ''
+    for s in samples[:2]:
+        assert s.startswith('ROMEO:') and len(s) == len('ROMEO:') + 40
+
+
+def test_sample_refuses_characters_outside_vocabulary(runs):
+    p = run('sample.py', f"--out_dir={runs['part']}", '--device=cpu', '--start=ROMEO: {é}', check=False)
+    err = assert_one_line_error(p, 'outside the vocabulary')
+    assert "'é'" in err and "'{'" in err
+
+
+def test_prompt_from_file(runs, tmp_path):
+    (tmp_path / 'prompt.txt').write_text('JULIET:\n')
+    p = run('sample.py', f"--out_dir={runs['part']}", '--max_new_tokens=5', '--num_samples=1', '--device=cpu',
+            f"--start=FILE:{tmp_path / 'prompt.txt'}")
+    assert p.stdout.startswith('JULIET:\n')
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused(runs, data_dir, tmp_path):
+    good = (runs['part'] / 'ckpt.pt').read_bytes()
+    cases = {'truncated': good[:len(good) // 2], 'garbage': b'not a checkpoint at all' * 100}
+    for name, blob in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / 'ckpt.pt').write_bytes(blob)
+        p = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={d}', '--max_iters=40', '--init_from=resume',
+                check=False)
+        assert_one_line_error(p, 'not a readable checkpoint')
+        p = run('sample.py', f'--out_dir={d}', '--device=cpu', check=False)
+        assert_one_line_error(p, 'not a readable checkpoint')
+    d = tmp_path / 'foreign'
+    d.mkdir()
+    torch.save({'model': {}, 'iter_num': 3}, d / 'ckpt.pt')   # e.g. a nanoGPT checkpoint
+    p = run('sample.py', f'--out_dir={d}', '--device=cpu', check=False)
+    assert_one_line_error(p, 'not a checkpoint of this project')
+    p = run('sample.py', f'--out_dir={tmp_path / "missing"}', '--device=cpu', check=False)
+    assert_one_line_error(p, 'no checkpoint at')
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'ckpt.pt'
+    good = {'format': train.CKPT_FORMAT, 'model': {'w': torch.ones(3)}, 'model_args': {}, 'iter_num': 10,
+            'config': {}}
+    train.save_checkpoint(good, str(path))
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):   # writes part of the file, then the process "dies"
+        real_save(obj, f, *a, **k)
+        f.seek(0)
+        f.truncate(100)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({**good, 'iter_num': 20, 'model': {'w': torch.zeros(3)}}, str(path))
+    monkeypatch.setattr(torch, 'save', real_save)
+    ck = train.load_checkpoint(str(path))
+    assert ck['iter_num'] == 10 and torch.equal(ck['model']['w'], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']   # no temporary file left behind
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_forward = train.LM.forward
+    calls = {'n': 0}
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        calls['n'] += 1
+        # eval at 0 (2 splits x 2 batches), 10 steps, eval at 10: 18 calls; then the loss blows up
+        if calls['n'] > 18 and loss is not None:
+            loss = loss * float('nan')
+        return logits, loss
+    monkeypatch.setattr(train.LM, 'forward', forward)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=30'])
+    msg = str(e.value.code)
+    assert 'not finite' in msg and 'iter 10' in msg and 'last good checkpoint' in msg and '\n' not in msg
+    assert train.load_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num'] == 10
+
+
+# --- data parallel -------------------------------------------------------------------------
+
+DIGEST_WRAPPER = """
+import hashlib, os, sys
+sys.path.insert(0, {repo!r})
+import train
+models = []
+class Recording(train.LM):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        models.append(self)
+train.LM = Recording
+train.main(sys.argv[1:])
+h = hashlib.sha256()
+for name, p in sorted(models[-1].state_dict().items()):
+    h.update(name.encode()); h.update(p.detach().cpu().contiguous().numpy().tobytes())
+with open(os.path.join({out!r}, 'digest.rank' + os.environ['RANK']), 'w') as f:
+    f.write(h.hexdigest())
+"""
+
+
+def test_torchrun_ddp_ranks_end_identical(data_dir, tmp_path):
+    wrapper = tmp_path / 'ddp_train.py'
+    wrapper.write_text(textwrap.dedent(DIGEST_WRAPPER.format(repo=str(REPO), out=str(tmp_path))))
+    out = tmp_path / 'out'
+    p = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', wrapper, *TINY,
+            f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6', '--eval_interval=3', timeout=300)
+    d0, d1 = (tmp_path / 'digest.rank0').read_text(), (tmp_path / 'digest.rank1').read_text()
+    assert d0 == d1, 'the two ranks ended with different weights'
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    h = hashlib.sha256()
+    for name, t in sorted(ck['model'].items()):
+        h.update(name.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    assert h.hexdigest() == d0 and ck['iter_num'] == 6
+    assert '2 process(es), 512 tokens/iter' in p.stdout   # only rank 0 logs: the line appears once
+    assert p.stdout.count('training from scratch') == 1
+    assert [r['iter'] for r in read_log(out) if 'loss' in r] == list(range(6))
