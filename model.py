@@ -197,8 +197,9 @@ class RecurrentMixer(nn.Module):
         out = self.output(y, x, z)
         if not return_cache:
             return out
+        # The step's conv needs the last d_conv-1 inputs (zeros before the start, as the conv's padding).
         K = self.config.d_conv - 1
-        conv = F.pad(xrq.transpose(1, 2), (max(K - T, 0), 0))[..., -K:] if K else xrq.new_zeros(B, self.conv_dim, 0)
+        conv = F.pad(xrq.transpose(1, 2), (K, 0))[..., T:]         # (B, ch, K)
         return out, RecurrentCache(conv=conv, S=S)
 
     # --- one token -----------------------------------------------------------
@@ -208,38 +209,27 @@ class RecurrentMixer(nn.Module):
         z, xrq, dt = self.split(self.in_proj(u))
         window = torch.cat([cache.conv, xrq[..., None]], dim=-1)   # (B, ch, d_conv)
         cache.conv = window[..., 1:]
-        xrq_c = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
+        xrq_c = ((window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias).to(xrq.dtype)  # as the conv under autocast
         x, r, q = torch.split(xrq_c, [self.d_inner, self.M, self.M], dim=-1)
         x, q = F.silu(x), F.silu(q)
         x = x.view(B, self.H, self.P)
         if self.kind == 'mamba2':
             r = F.silu(r)
-        if self.kind == 'fm_sparse':
-            y, cache.S = self.sparse_step(cache.S, x, r, q, dt)
+        g, beta, q_read = self.gates(r, q, dt)                     # (B,H,M)
+        if self.kind == 'fm_sparse':                               # touch only the k active rows of S
+            idx = r.float().topk(self.k, dim=-1).indices           # (B,k): the slots route() chose
+            pick = lambda t: t.gather(-1, idx[:, None, :].expand(B, self.H, self.k))  # (B,H,k)
+            y, cache.S = self.step_fn(cache.S, sparse=True)(cache.S, x, pick(g), pick(beta), pick(q_read), idx)
         else:
-            g, beta, q_read = self.gates(r, q, dt)                 # (B,H,M)
             y, cache.S = self.step_fn(cache.S)(cache.S, x, g, beta, q_read)
         return self.output(y, x, z)
 
-    def sparse_step(self, S, x, r, q, dt):
-        """Gather the k active rows of S, update and read them, scatter them back."""
-        top, idx = r.float().topk(self.k, dim=-1)                  # (B,k)
-        w = top.softmax(-1)
-        Δ = F.softplus(dt.float() + self.dt_bias)                  # (B,H)
-        A = -torch.exp(self.A_log.float())
-        g = (Δ * A)[..., None] * w[:, None, :]                     # (B,H,k)
-        beta = Δ[..., None] * w[:, None, :]
-        q_k = q.float().gather(-1, idx)[:, None, :].expand_as(beta)
+    def step_fn(self, S, sparse=False):
+        """The one-token scan: Triton on CUDA, scan.py elsewhere."""
         if S.is_cuda and self.config.scan in ('auto', 'triton'):
             import kernels
-            return kernels.scan_step_sparse_triton(S, x, g, beta, q_k, idx)
-        return fm_scan.scan_step_sparse(S, x, g, beta, q_k, idx)
-
-    def step_fn(self, S):
-        if S.is_cuda and self.config.scan in ('auto', 'triton'):
-            import kernels
-            return kernels.scan_step_triton
-        return fm_scan.scan_step
+            return kernels.scan_step_sparse_triton if sparse else kernels.scan_step_triton
+        return fm_scan.scan_step_sparse if sparse else fm_scan.scan_step
 
     def new_cache(self, B, device):
         return RecurrentCache(conv=torch.zeros(B, self.conv_dim, self.config.d_conv - 1, device=device),
@@ -421,7 +411,8 @@ class LM(nn.Module):
         return idx
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices (and embeddings) only, not on gains, biases, A_log, dt_bias, D."""
+        """AdamW; weight decay on tensors of 2+ dims (matrices, embeddings, conv kernels), not on gains,
+        biases, A_log, dt_bias, D_skip."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]

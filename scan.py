@@ -76,10 +76,10 @@ def _initial(initial_state, B, H, M, P, device):
 #
 # Every exponent above is <= 0. The intra-chunk term must not be factored as
 # (q e^{G_t})(beta e^{-G_s}): e^{-G_s} overflows fp32 once a chunk decays past
-# ~88 nats. So the chunk is cut into sub-chunks of L steps; a pair of sub-chunks
-# (a, b) with b < a factors around the reference point r = last step of b
-# (s <= r < t, both factors <= 1), and only the diagonal blocks (a = a) are
-# computed pairwise, as L x L x M.
+# ~88 nats. So the chunk is cut into sub-chunks of L steps: s and t in the same
+# sub-chunk are computed pairwise (L x L x M); an earlier sub-chunk b reaches t
+# through the state at its last step r_b (s <= r_b < t), so the decay splits into
+# factors e^{G_t - G_r} e^{G_r - G_s} that are each <= 1.
 # -----------------------------------------------------------------------------
 
 SUB_CHUNK = 8
@@ -137,12 +137,12 @@ def _intra_chunk(x, G, beta, q, L):
     sub = lambda t: t.reshape(B, H, n, k, L, t.shape[-1])        # (B,H,n,k,L,.)
     x, G, beta, q = sub(x), sub(G), sub(beta), sub(q)
 
-    # Diagonal blocks, pairwise: A[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}, s <= t.
+    # Diagonal blocks, pairwise: scores[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}, s <= t.
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     dG = G[..., :, None, :] - G[..., None, :, :]                 # (B,H,n,k,L,L,M)  [t,s]
     dG = dG.masked_fill(~causal[:, :, None], float('-inf'))      # mask before exp: s > t would overflow
-    A = (q[..., :, None, :] * beta[..., None, :, :] * torch.exp(dG)).sum(-1)  # (B,H,n,k,L,L)
-    y = A @ x                                                    # (B,H,n,k,L,P)
+    scores = (q[..., :, None, :] * beta[..., None, :, :] * torch.exp(dG)).sum(-1)  # (B,H,n,k,L,L)
+    y = scores @ x                                                   # (B,H,n,k,L,P)
     if k == 1:
         return y.reshape(B, H, n, C, P)
 

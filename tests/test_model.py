@@ -43,14 +43,24 @@ def test_parallel_forward_equals_recurrent_decoding(mixer, n_prompt):
     assert rel_err(stepped, full) <= 1e-4
 
 
-@pytest.mark.parametrize('scan', ['naive', 'chunked'])
-def test_scan_choice_does_not_change_the_model(scan):
+def test_chunked_scan_model_equals_naive_scan_model():
     torch.manual_seed(0)
-    ref = LM(tiny('fm_sparse', scan='chunked'))
-    other = LM(tiny('fm_sparse', scan=scan))
+    ref = LM(tiny('fm_sparse', scan='naive'))
+    other = LM(tiny('fm_sparse', scan='chunked'))
     other.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 32, (2, 37))
     assert rel_err(other(idx)[0], ref(idx)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize('mixer', MIXERS)
+def test_decoding_from_an_empty_cache_equals_the_forward(mixer):
+    torch.manual_seed(0)
+    model = LM(tiny(mixer)).eval()
+    idx = torch.randint(0, 32, (2, 9))
+    caches = model.new_cache(2, 'cpu')
+    stepped = torch.stack([model.step(idx[:, t], caches) for t in range(9)], dim=1)
+    with torch.no_grad():
+        assert rel_err(stepped, model(idx)[0]) <= 1e-4
 
 
 def test_sparse_decoding_updates_exactly_k_rows_per_head():
@@ -128,24 +138,77 @@ def test_impossible_configs_raise_a_clear_error(kw, field):
         tiny(kw.pop('mixer', 'fm'), **kw)
 
 
-def test_mamba2_uses_one_decay_for_all_slots():
+def gate_inputs():
     torch.manual_seed(0)
+    return torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 4)
+
+
+def test_mamba2_gates_follow_the_equations():
     mixer = RecurrentMixer(tiny('mamba2'))
-    r, q, dt = torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 4)
-    g, beta, q_read = mixer.gates(r, q, dt)
-    assert g.shape == (5, 4, 1) and beta.shape == (5, 4, 16)
-    assert (g < 0).all()
-
-
-def test_fm_gates_follow_the_equations():
-    torch.manual_seed(0)
-    mixer = RecurrentMixer(tiny('fm_sparse'))
-    r, q, dt = torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 4)
+    r, q, dt = gate_inputs()                                     # r is Mamba-2's B, q its C
     g, beta, q_read = mixer.gates(r, q, dt)
     delta = torch.nn.functional.softplus(dt + mixer.dt_bias)
     A = -torch.exp(mixer.A_log)
-    w = beta / delta[..., None]                                  # beta = Δ·w
-    assert torch.allclose(w.sum(-1), torch.ones(5, 4), atol=1e-6)   # w: a distribution over slots
-    assert ((w > 0).sum(-1) == 4).all()                          # top-4 of 16
-    assert torch.allclose(g, (delta * A)[..., None] * w, atol=1e-6)  # g = Δ·A·w
-    assert ((q_read != 0) <= (w > 0)).all()                      # read only active slots
+    assert g.shape == (5, 4, 1)                                  # one decay for all slots
+    assert torch.allclose(g, (delta * A)[..., None])             # g = Δ·A
+    assert torch.allclose(beta, delta[..., None] * r[:, None, :])  # beta = Δ·B
+    assert torch.equal(q_read, q[:, None, :].expand(5, 4, 16))   # q = C
+
+
+@pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
+def test_fm_gates_follow_the_equations(mixer):
+    m = RecurrentMixer(tiny(mixer))
+    r, q, dt = gate_inputs()
+    g, beta, q_read = m.gates(r, q, dt)
+    delta = torch.nn.functional.softplus(dt + m.dt_bias)
+    A = -torch.exp(m.A_log)
+    if mixer == 'fm':
+        w = r.softmax(-1)
+    else:                                                        # softmax over the top-4 of 16, 0 elsewhere
+        top, idx = r.topk(4, dim=-1)
+        w = torch.zeros_like(r).scatter(-1, idx, top.softmax(-1))
+    w = w[:, None, :]                                            # shared by the 4 heads
+    assert torch.allclose(g, (delta * A)[..., None] * w, atol=1e-7)   # g = Δ·A·w
+    assert torch.allclose(beta, delta[..., None] * w, atol=1e-7)      # beta = Δ·w
+    expected_q = q[:, None, :] * (w > 0) if mixer == 'fm_sparse' else q[:, None, :]
+    assert torch.equal(q_read, expected_q.expand(5, 4, 16))      # sparse: read only the active slots
+
+
+@pytest.mark.parametrize('mixer', ['fm', 'fm_sparse', 'mamba2'])
+def test_mixer_equals_the_design_equations(mixer):
+    """RecurrentMixer.forward against DESIGN.md written out longhand on scan_naive."""
+    from scan import scan_naive
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    cfg = tiny(mixer)
+    m = RecurrentMixer(cfg)
+    u = torch.randn(2, 11, cfg.n_embd)
+    E, M, H, P = cfg.expand * cfg.n_embd, cfg.n_slots, m.H, cfg.head_dim
+    with torch.no_grad():
+        z, x, r, q, dt = torch.split(m.in_proj(u), [E, E, M, M, H], dim=-1)
+        xrq = torch.cat([x, r, q], -1).transpose(1, 2)           # causal depthwise conv, width d_conv
+        xrq = F.conv1d(F.pad(xrq, (cfg.d_conv - 1, 0)), m.conv.weight, m.conv.bias, groups=xrq.shape[1])
+        x, r, q = torch.split(xrq.transpose(1, 2), [E, M, M], dim=-1)
+        x, q = F.silu(x), F.silu(q)
+        delta = F.softplus(dt + m.dt_bias)                       # (B,T,H)
+        A = -torch.exp(m.A_log)
+        if mixer == 'mamba2':
+            g = (delta * A)[..., None]
+            beta = delta[..., None] * F.silu(r)[:, :, None, :]
+            q_read = q[:, :, None, :].expand_as(beta)
+        else:
+            if mixer == 'fm':
+                w = r.softmax(-1)
+            else:
+                top, idx = r.topk(cfg.top_k, dim=-1)
+                w = torch.zeros_like(r).scatter(-1, idx, top.softmax(-1))
+            g = (delta * A)[..., None] * w[:, :, None, :]
+            beta = delta[..., None] * w[:, :, None, :]
+            q_read = (q * (w > 0) if mixer == 'fm_sparse' else q)[:, :, None, :].expand_as(beta)
+        xh = x.view(2, 11, H, P)
+        y, _ = scan_naive(xh, g, beta, q_read)
+        y = (y + m.D_skip[:, None] * xh).reshape(2, 11, E)
+        y = y * F.silu(z)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * m.norm.weight
+        expected = m.out_proj(y)
+        assert rel_err(m(u), expected) <= 1e-5
