@@ -401,11 +401,15 @@ class LM(nn.Module):
         logits, caches = self.prefill(idx)
         logits = logits[:, -1]
         for _ in range(max_new_tokens):
-            logits = logits.float() / max(temperature, 1e-6)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            logits = logits.float()
+            if temperature == 0:                                   # greedy
+                idx_next = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
             logits = self.step(idx_next[:, 0], caches)
         return idx

@@ -69,11 +69,13 @@ def tokenizer(ckpt, cfg):
 def main(argv=None):
     cfg = SampleConfig()
     parse_config(cfg, sys.argv[1:] if argv is None else argv, prog='sample.py')
-    for name in ('num_samples', 'max_new_tokens'):
-        if getattr(cfg, name) < (1 if name == 'num_samples' else 0):
-            raise SystemExit(f"sample.py: {name}={getattr(cfg, name)} must be positive")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise SystemExit(f"sample.py: top_k={cfg.top_k} must be >= 1 (or None)")
+    checks = [(cfg.num_samples >= 1, 'num_samples', ">= 1"), (cfg.max_new_tokens >= 0, 'max_new_tokens', ">= 0"),
+              (cfg.temperature >= 0, 'temperature', ">= 0 (0 is greedy)"),
+              (cfg.top_k is None or cfg.top_k >= 1, 'top_k', ">= 1 (or None)"),
+              (cfg.dtype in ('auto', 'float32', 'bfloat16', 'float16'), 'dtype', "auto, float32, bfloat16 or float16")]
+    for ok, name, need in checks:
+        if not ok:
+            raise SystemExit(f"sample.py: {name}={getattr(cfg, name)!r} must be {need}")
     start = cfg.start
     if start.startswith('FILE:'):
         try:

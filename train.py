@@ -261,7 +261,9 @@ def load_checkpoint(path, map_location='cpu'):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, random bytes, pickled objects...
-        raise SystemExit(f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file: {_first_line(e)})")
+        # (torch's own message suggests weights_only=False: bad advice for a file of unknown origin)
+        raise SystemExit(f"{path} is not a readable checkpoint: corrupt, truncated or not written by train.py "
+                         f"({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
         raise SystemExit(f"{path} is not a checkpoint of this project (no 'format': '{CKPT_FORMAT}'); "
                          "it was written by another program or an incompatible version")
@@ -415,6 +417,8 @@ def main(argv=None):
     world = int(os.environ.get('WORLD_SIZE', 1))
     master = rank == 0
     device = resolve_device(cfg.device, local_rank)
+    if ddp and device.type == 'cuda':
+        device = torch.device('cuda', local_rank)   # one GPU per process, whatever index was given
     if ddp:
         import torch.distributed as dist
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
@@ -459,9 +463,10 @@ def _train(cfg, explicit, model_args, model_keys, device, ddp, rank, world, mast
                       **{k: explicit[k] for k in RESUME_MODEL_OVERRIDES if k in explicit}}
     try:
         cfg.validate()
-        ModelConfig(**model_args)   # check the model's keys before any data work (vocab_size comes later)
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}")
+        # check the model's keys before any data work, and fill in any the checkpoint lacks
+        model_args = dataclasses.asdict(ModelConfig(**model_args))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"train.py: {'the checkpoint model config: ' if ckpt else ''}{_first_line(e)}")
 
     # --- data ---
     if master:
@@ -472,7 +477,6 @@ def _train(cfg, explicit, model_args, model_keys, device, ddp, rank, world, mast
     meta = load_meta(cfg)
     if ckpt is None:
         vocab = meta['vocab_size'] if meta['tokenizer'] == 'char' else 50304   # GPT-2's 50257, padded to 64
-        model_args.setdefault('vocab_size', vocab)
         if 'vocab_size' in explicit and explicit['vocab_size'] < meta['vocab_size']:
             raise SystemExit(f"train.py: vocab_size={explicit['vocab_size']} is smaller than the dataset's "
                              f"vocabulary ({meta['vocab_size']})")
@@ -481,10 +485,10 @@ def _train(cfg, explicit, model_args, model_keys, device, ddp, rank, world, mast
     val_bin = os.path.join(dataset_dir(cfg), 'val.bin')
     block_size = model_args['block_size']
     for p in (train_bin, val_bin):
-        n = len(np.memmap(p, dtype=np.uint16, mode='r'))
+        n = os.path.getsize(p) // 2   # uint16 tokens
         if n <= block_size:
             raise SystemExit(f"train.py: {p} holds {n} tokens, fewer than block_size+1={block_size + 1}; "
-                             "use a smaller block_size or a longer text")
+                             f"use a smaller block_size or a longer text, and rerun {prepare_command(cfg)}")
 
     # --- model and optimizer ---
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
@@ -508,7 +512,7 @@ def _train(cfg, explicit, model_args, model_keys, device, ddp, rank, world, mast
             raise SystemExit(f"train.py: the checkpoint's optimizer state does not fit the model: {_first_line(e)}")
         if 'scaler' in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt['scaler'])
-        iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt['best_val_loss'])
+        iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt.get('best_val_loss', float('inf')))
         rng = ckpt.get('rng', {})
         if master and 'torch' in rng:   # every step reseeds from (seed, iter, rank) anyway; see below
             torch.set_rng_state(rng['torch'])

@@ -72,10 +72,15 @@ def write_splits(out_dir, train_ids, val_ids, meta):
     if meta['vocab_size'] > 2 ** 16:
         sys.exit(f"vocab_size {meta['vocab_size']} does not fit the uint16 token format")
     os.makedirs(out_dir, exist_ok=True)
+    # Each file goes to a temporary name first: an interrupted prepare leaves no half-written split.
+    def write(name, save):
+        path = os.path.join(out_dir, name)
+        with open(path + '.tmp', 'wb') as f:
+            save(f)
+        os.replace(path + '.tmp', path)
+    write('meta.pkl', lambda f: pickle.dump(meta, f))
     for name, ids in (('train', train_ids), ('val', val_ids)):
-        np.asarray(ids, dtype=np.uint16).tofile(os.path.join(out_dir, f'{name}.bin'))
-    with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
-        pickle.dump(meta, f)
+        write(f'{name}.bin', lambda f: f.write(np.asarray(ids, dtype=np.uint16).tobytes()))
     print(f"wrote {out_dir}: train.bin {len(train_ids):,} tokens, val.bin {len(val_ids):,} tokens, "
           f"meta.pkl (tokenizer {meta['tokenizer']}, vocab_size {meta['vocab_size']})")
 
