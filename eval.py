@@ -1,0 +1,372 @@
+"""
+Evaluate checkpoints beyond their training context, and reproduce the comparison.
+
+    python eval.py --out_dirs=out-fm,out-attention --lengths=1,2,4,8,16 --plot=results/eval.png
+    python eval.py --reproduce=True                  # train fm, fm_sparse, mamba2, attention on
+                                                     # tiny-Shakespeare, evaluate, benchmark decoding
+
+Evaluation: for every checkpoint (out_dir/ckpt.pt, written by train.py), the validation
+loss and perplexity at context lengths L = 1x, 2x, 4x, 8x and 16x the training block_size.
+Every model is run over the full length L in one parallel forward, attention included (RoPE
+has no maximum position, so it runs, and shows how it degrades past the length it was
+trained on). Each length is scored on the same number of validation tokens (`eval_tokens`,
+cut into non-overlapping windows of L tokens at evenly spaced offsets; every window is
+scored at all its positions). The loss by token position (mean over the windows at each
+position) is kept for every length and plotted for the longest one.
+
+Outputs: a markdown table (--table), a PNG plot (--plot), and every number in JSON (--json).
+
+Reproduction (--reproduce=True): trains the four mixers with config/shakespeare_char_<mixer>.py
+(equal parameter counts within 5 %, equal tokens), each with `python train.py`, into
+runs_dir/<mixer>; then the evaluation above; then `python bench.py decode`; everything it
+writes goes to results_dir (results/ by default), with a summary in results_dir/summary.md.
+Training runs in rounds of --round_iters iterations per mixer (train.py --init_from=resume
+continues a run exactly: optimizer, schedule, data order), so that on a slow or busy machine
+it stops after the last round that fits in --train_minutes with every mixer at the same
+iteration count (equal tokens). The learning-rate schedule is always the one of --max_iters
+(the configs' 1500 by default), so a run cut short ends before its learning rate has decayed.
+--train_args passes further --key=value to train.py.
+
+    python eval.py --reproduce=True --max_iters=600 --train_minutes=25   # what results/ holds:
+                                                     # 13.7 min on 2 CPU cores (see results/RESULTS.md)
+"""
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train import REPO_DIR, load_checkpoint, model_from_checkpoint, parse_config, resolve_device
+
+MIXER_ORDER = ('fm', 'fm_sparse', 'mamba2', 'attention')
+
+
+@dataclass
+class EvalConfig:
+    out_dirs: str = 'out'                # comma-separated run directories, each with a ckpt.pt
+    lengths: str = '1,2,4,8,16'          # context lengths, as multiples of each model's block_size
+    eval_tokens: int = 32768             # validation tokens scored at every length
+    batch_size: int = 8                  # windows per forward pass
+    data_dir: str = ''                   # '' = the checkpoint's own data_dir (train.py's --data_dir)
+    device: str = 'cpu'                  # 'cpu' | 'cuda' | 'auto'
+    threads: int = 0                     # torch CPU threads; 0 = all cores
+    table: str = 'results/eval.md'
+    plot: str = 'results/eval.png'
+    json: str = 'results/eval.json'
+    # --- reproduction ---
+    reproduce: bool = False
+    mixers: str = 'fm,fm_sparse,mamba2,attention'
+    runs_dir: str = 'out-repro'          # checkpoints go to runs_dir/<mixer>
+    results_dir: str = 'results'
+    max_iters: int = 0                   # 0 = the configs' max_iters (also the LR schedule's length)
+    train_args: str = '--eval_iters=10'  # extra train.py arguments
+    round_iters: int = 100               # train in rounds: every mixer this many iterations, then the next round
+    train_minutes: float = 45.0          # no new round once the next would end past this; 0 = no limit
+    skip_trained: bool = False           # continue from the checkpoints in runs_dir (else train from scratch)
+    decode_args: str = '--contexts=1024,8192,16384'   # bench.py decode arguments
+
+
+def ints(csv):
+    return [int(v) for v in str(csv).split(',') if v.strip()]
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+def val_tokens(ckpt, cfg):
+    """The validation split of the checkpoint's dataset as int64 numpy array."""
+    tc = ckpt['config']
+    data_dir = cfg.data_dir or tc.get('data_dir', 'data')
+    candidates = [data_dir] if os.path.isabs(data_dir) else [data_dir, os.path.join(REPO_DIR, data_dir)]
+    for d in candidates:
+        path = os.path.join(d, tc.get('dataset', 'shakespeare_char'), 'val.bin')
+        if os.path.exists(path):
+            return np.array(np.memmap(path, dtype=np.uint16, mode='r'), dtype=np.int64)
+    raise SystemExit(f"eval.py: no val.bin for dataset '{tc.get('dataset')}' under {' or '.join(candidates)}; "
+                     f"prepare it (data/{tc.get('dataset')}/prepare.py) or pass --data_dir")
+
+
+def windows(data, L, n_tokens):
+    """Non-overlapping windows of L+1 tokens (inputs and targets) at evenly spaced offsets,
+    enough to cover n_tokens (at least one). Fewer if the split is too short."""
+    n_max = (len(data) - 1) // L
+    if n_max < 1:
+        raise SystemExit(f"eval.py: the validation split ({len(data)} tokens) is shorter than a window of {L + 1}")
+    n = max(1, min(n_max, math.ceil(n_tokens / L)))
+    starts = np.linspace(0, len(data) - L - 1, n).astype(np.int64) if n > 1 else np.array([0])
+    return np.stack([data[s:s + L + 1] for s in starts])
+
+
+@torch.no_grad()
+def loss_by_position(model, data, L, n_tokens, batch_size, device):
+    """Mean cross-entropy (nats) at each of the L positions, over the windows; and their count."""
+    w = torch.from_numpy(windows(data, L, n_tokens))
+    total = torch.zeros(L, dtype=torch.float64)
+    for i in range(0, len(w), batch_size):
+        b = w[i:i + batch_size].to(device)
+        logits, _ = model(b[:, :-1])
+        nll = F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].reshape(-1), reduction='none')
+        total += nll.view(len(b), L).sum(0).double().cpu()
+    return (total / len(w)).numpy(), len(w)
+
+
+def evaluate(cfg):
+    """Evaluate every checkpoint in cfg.out_dirs at every length; write table, plot, JSON."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    mults = ints(cfg.lengths)
+    if not mults or any(m < 1 for m in mults):
+        raise SystemExit(f"eval.py: --lengths={cfg.lengths} must be positive integers (multiples of block_size)")
+    results = []
+    for out_dir in [d for d in cfg.out_dirs.split(',') if d]:
+        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+        model = model_from_checkpoint(ckpt, device, dropout=0.0).eval()
+        data = val_tokens(ckpt, cfg)
+        margs, tc = ckpt['model_args'], ckpt['config']
+        bs = margs['block_size']
+        r = {'out_dir': out_dir, 'mixer': margs['mixer'], 'params': model.get_num_params(),
+             'block_size': bs, 'n_slots': margs.get('n_slots'), 'top_k': margs.get('top_k'),
+             'iter_num': int(ckpt['iter_num']),
+             'train_tokens': int(ckpt['iter_num']) * tc.get('batch_size', 0) * bs
+             * tc.get('gradient_accumulation_steps', 1) * ckpt.get('world_size', 1),
+             'best_val_loss': float(ckpt.get('best_val_loss', float('nan'))), 'lengths': []}
+        for mult in mults:
+            L = mult * bs
+            t0 = time.time()
+            pos, n = loss_by_position(model, data, L, cfg.eval_tokens, cfg.batch_size, device)
+            loss = float(pos.mean())
+            r['lengths'].append({'mult': mult, 'length': L, 'windows': n, 'loss': loss, 'ppl': math.exp(loss),
+                                 'loss_first_block': float(pos[:bs].mean()),
+                                 'loss_beyond_block': float(pos[bs:].mean()) if L > bs else None,
+                                 'loss_by_position': [round(float(v), 5) for v in pos]})
+            log(f"{out_dir} ({margs['mixer']}): L={L} ({mult}x) over {n} windows: loss {loss:.4f}, "
+                f"ppl {math.exp(loss):.3f} [{time.time() - t0:.1f} s]")
+        results.append(r)
+        del model
+    for path in (cfg.table, cfg.plot, cfg.json):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    table = markdown_table(results)
+    print('\n' + table)
+    if cfg.table:
+        with open(cfg.table, 'w') as f:
+            f.write(table)
+    if cfg.json:
+        with open(cfg.json, 'w') as f:
+            json.dump({'config': asdict(cfg), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+                       'results': results}, f, indent=1)
+    if cfg.plot:
+        plot(results, cfg.plot)
+    return results
+
+
+def markdown_table(results):
+    mults = [l['mult'] for l in results[0]['lengths']] if results else []
+    same = all([l['mult'] for l in r['lengths']] == mults for r in results)
+    head = ['model', 'mixer', 'params', 'train tokens']
+    head += [f"{m}x loss (ppl)" for m in mults] if same else ['losses']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in results:
+        cells = [os.path.basename(os.path.normpath(r['out_dir'])), r['mixer'], f"{r['params'] / 1e6:.3f}M",
+                 f"{r['train_tokens'] / 1e6:.2f}M"]
+        cells += [f"{l['loss']:.4f} ({l['ppl']:.2f})" for l in r['lengths']] if same else \
+            [', '.join(f"{l['length']}: {l['loss']:.4f}" for l in r['lengths'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    if results:
+        bs = sorted({r['block_size'] for r in results})
+        lines.append('')
+        lines.append(f"Validation loss in nats per token (perplexity) at context length = multiple x training "
+                     f"block_size ({', '.join(map(str, bs))}); every length scored on the same number of tokens, "
+                     f"each window in one forward pass over its full length.")
+    return '\n'.join(lines) + '\n'
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        label = f"{r['mixer']} ({os.path.basename(os.path.normpath(r['out_dir']))})" \
+            if sum(q['mixer'] == r['mixer'] for q in results) > 1 else r['mixer']
+        a.plot([l['mult'] for l in r['lengths']], [l['loss'] for l in r['lengths']], 'o-', label=label)
+        longest = r['lengths'][-1]
+        pos = np.array(longest['loss_by_position'])
+        # bins that grow with position (log-spaced, the first one positions 1-7), so the first
+        # tokens and the far tail both show without the noise of single positions
+        edges = np.unique(np.concatenate([[1], np.geomspace(min(8, len(pos)), len(pos) + 1, 30).astype(int)]))
+        x = [(lo + hi - 1) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
+        y = [pos[lo - 1:hi - 1].mean() for lo, hi in zip(edges[:-1], edges[1:])]
+        b.plot(x, y, '-', label=f"{label}, L={longest['length']}")
+    a.set_xscale('log', base=2)
+    a.set_xlabel('context length / training block_size')
+    a.set_ylabel('validation loss (nats/token)')
+    a.set_title('loss vs evaluation length')
+    a.grid(alpha=0.3)
+    a.legend()
+    for bs in sorted({r['block_size'] for r in results}):
+        b.axvline(bs, color='gray', ls='--', lw=0.8)
+    b.set_xscale('log', base=2)
+    b.set_xlabel('token position (dashed: training block_size)')
+    b.set_ylabel('validation loss (nats/token)')
+    b.set_title('loss by position at the longest length')
+    b.grid(alpha=0.3)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Reproduction: train the four mixers, evaluate, benchmark decoding
+
+
+def run_logged(cmd, log_path):
+    """Run cmd (a list), streaming its output to stdout and to log_path; exit if it fails."""
+    log(f"$ {shlex.join(cmd)}    (log: {log_path})")
+    t0 = time.time()
+    with open(log_path, 'w') as f:
+        p = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            f.write(line)
+        rc = p.wait()
+    if rc != 0:
+        raise SystemExit(f"eval.py: command failed with exit status {rc}: {shlex.join(cmd)} (log: {log_path})")
+    return time.time() - t0
+
+
+def reproduce(cfg):
+    t_start = time.time()
+    res, runs = cfg.results_dir, cfg.runs_dir
+    os.makedirs(res, exist_ok=True)
+    mixers = [m for m in cfg.mixers.split(',') if m]
+    py = sys.executable
+    timings = {}
+    out_dirs, skipped = [], []
+    confs = {}
+    for mixer in mixers:
+        conf = os.path.join('config', f'shakespeare_char_{mixer}.py')
+        if not os.path.isfile(os.path.join(REPO_DIR, conf)):
+            raise SystemExit(f"eval.py: no {conf}; the reproduction trains with config/shakespeare_char_<mixer>.py")
+        confs[mixer] = conf
+        out_dirs.append(os.path.join(runs, mixer))
+    if cfg.max_iters:
+        total_iters = cfg.max_iters
+    else:   # the configs' own max_iters (they agree: equal tokens)
+        from train import TrainConfig
+        its = set()
+        for conf in confs.values():
+            tc = TrainConfig()
+            parse_config(tc, [conf], extra=__import__('model').ModelConfig, prog='eval.py')
+            its.add(tc.max_iters)
+        if len(its) != 1:
+            raise SystemExit(f"eval.py: the configs disagree on max_iters ({sorted(its)}); pass --max_iters")
+        total_iters = its.pop()
+
+    def done_iters(out_dir):
+        path = os.path.join(out_dir, 'ckpt.pt')
+        return int(torch.load(path, map_location='cpu', weights_only=True)['iter_num']) if os.path.exists(path) else 0
+
+    if not cfg.skip_trained:
+        for d in out_dirs:
+            if os.path.exists(os.path.join(d, 'ckpt.pt')):
+                os.remove(os.path.join(d, 'ckpt.pt'))
+    else:
+        skipped = [f"{m} (from iteration {done_iters(d)})" for m, d in zip(mixers, out_dirs) if done_iters(d) > 0]
+    step = cfg.round_iters or total_iters
+    reached = min(done_iters(d) for d in out_dirs)
+    round_times = []
+    while reached < total_iters:
+        target = min(total_iters, reached + step)
+        elapsed = (time.time() - t_start) / 60
+        if round_times and cfg.train_minutes and \
+                elapsed + round_times[-1] * (target - reached) / step / 60 > cfg.train_minutes:
+            log(f"[reproduce] stopping training at {reached} of {total_iters} iterations: another round, "
+                f"as long as the last, would end past --train_minutes={cfg.train_minutes:g} ({elapsed:.1f} min so far)")
+            break
+        t_round = time.time()
+        for mixer, out_dir in zip(mixers, out_dirs):
+            if done_iters(out_dir) >= target:
+                continue
+            resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
+            os.makedirs(out_dir, exist_ok=True)
+            cmd = [py, os.path.join(REPO_DIR, 'train.py'), confs[mixer], f'--out_dir={out_dir}',
+                   f'--max_iters={target}', f'--lr_decay_iters={total_iters}',
+                   f'--init_from={"resume" if resume else "scratch"}'] + shlex.split(cfg.train_args)
+            t = run_logged(cmd, os.path.join(out_dir, f'train_{target}.log'))
+            timings[f'train {mixer}'] = timings.get(f'train {mixer}', 0.0) + t
+        round_times.append(time.time() - t_round)
+        reached = target
+        log(f"[reproduce] every mixer at iteration {reached} of {total_iters} "
+            f"({(time.time() - t_start) / 60:.1f} min so far)")
+    timings['train (all)'] = time.time() - t_start
+    train_note = (f"trained {reached} of {total_iters} iterations per mixer (the learning-rate schedule is "
+                  f"the one of {total_iters}" + (", so it stopped before decaying" if reached < total_iters else "")
+                  + ")")
+
+    t0 = time.time()
+    ecfg = EvalConfig(out_dirs=','.join(out_dirs), lengths=cfg.lengths, eval_tokens=cfg.eval_tokens,
+                      batch_size=cfg.batch_size, data_dir=cfg.data_dir, device=cfg.device, threads=cfg.threads,
+                      table=os.path.join(res, 'eval.md'), plot=os.path.join(res, 'eval.png'),
+                      json=os.path.join(res, 'eval.json'))
+    results = evaluate(ecfg)
+    train_note += f", {results[0]['train_tokens'] / 1e6:.2f}M training tokens per mixer" if results else ''
+    timings['eval'] = time.time() - t0
+
+    decode_md = os.path.join(res, 'decode.md')
+    cmd = [py, os.path.join(REPO_DIR, 'bench.py'), 'decode', '--device=cpu', f'--out_dirs={",".join(out_dirs)}',
+           f'--json={os.path.join(res, "decode.json")}', f'--table={decode_md}'] + shlex.split(cfg.decode_args)
+    timings['bench decode'] = run_logged(cmd, os.path.join(res, 'decode.log'))
+    timings['total'] = time.time() - t_start
+
+    params = {r['mixer']: r['params'] for r in results}
+    spread = (max(params.values()) / min(params.values()) - 1) * 100 if params else 0.0
+    with open(os.path.join(res, 'reproduce.json'), 'w') as f:
+        json.dump({'config': asdict(cfg), 'timings_s': timings, 'iters': reached, 'total_iters': total_iters, 'params': params,
+                   'param_spread_percent': spread, 'threads': torch.get_num_threads(),
+                   'torch': torch.__version__, 'cpu_count': os.cpu_count()}, f, indent=1)
+    with open(os.path.join(res, 'summary.md'), 'w') as f:
+        f.write(f"# Reproduction: `{shlex.join(['python', 'eval.py'] + sys.argv[1:])}`\n\n")
+        if skipped:
+            f.write(f"(training continued from an earlier run's checkpoints with --skip_trained=True: "
+                    f"{', '.join(skipped)}; the earlier run's time is not in the wall time below)\n\n")
+        f.write(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, device {cfg.device}; "
+                f"parameter counts differ by {spread:.1f} % at most; wall time "
+                f"{timings['total'] / 60:.1f} min (" +
+                ', '.join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if k != 'total') + ").\n\n"
+                + train_note + ".\n\n")
+        f.write("## Validation loss beyond the training context\n\n")
+        f.write(markdown_table(results))
+        f.write(f"\n![loss vs length and by position](eval.png)\n\n## Decoding\n\n")
+        with open(decode_md) as g:
+            f.write(g.read())
+    log(f"[reproduce] done in {timings['total'] / 60:.1f} min; results in {res}/ "
+        "(summary.md, eval.md, eval.png, eval.json, decode.md, decode.json, reproduce.json)")
+
+
+def main(argv=None):
+    cfg = EvalConfig()
+    parse_config(cfg, sys.argv[1:] if argv is None else argv, prog='eval.py')
+    if cfg.reproduce:
+        reproduce(cfg)
+    else:
+        evaluate(cfg)
+
+
+if __name__ == '__main__':
+    main()
