@@ -6,17 +6,5 @@ n_embd = 128
 n_slots = 64
 out_dir = 'out-shakespeare-char-mamba2'
 
-# Training: the same for the four shakespeare_char configs and `python train.py` (CPU-sized: about
-# 13 min of one CPU core for fm_sparse and fm, 15 for mamba2, 4 for attention; scale up on a GPU).
-dataset = 'shakespeare_char'
-batch_size = 16
-block_size = 64
-max_iters = 1500
-lr_decay_iters = 1500
-warmup_iters = 100
-learning_rate = 2e-3
-min_lr = 2e-4
-beta2 = 0.99
-eval_interval = 250
-eval_iters = 20
-log_interval = 25
+# Training: the settings every shakespeare_char config shares (equal tokens, equal schedule).
+exec(open(__file__.replace(f'_{mixer}.py', '_common.py')).read())
