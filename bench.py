@@ -75,6 +75,10 @@ def scan_impls(device):
 
 def bench_scan(cfg):
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        sys.exit("bench.py scan: --device=cuda but CUDA is not available here; use --device=cpu (or auto)")
+    if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
+        sys.exit(f"bench.py scan: --dtype={cfg.dtype} must be float32, bfloat16 or float16")
     dtype = getattr(torch, cfg.dtype)
     if device.type != 'cuda':
         print(f"no GPU here: timing naive vs chunked on {device} ({torch.get_num_threads()} threads)")
@@ -337,6 +341,8 @@ def decode_tables(rows, cfg, threads, device):
 
 def bench_decode(cfg):
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        sys.exit("bench.py decode: --device=cuda but CUDA is not available here; use --device=cpu (or auto)")
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     threads = torch.get_num_threads()
