@@ -273,11 +273,19 @@ def load_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
+def triton_runs_on(device):
+    """Triton runs on CUDA, and on CPU only under its interpreter (TRITON_INTERPRET=1)."""
+    return torch.device(device).type == 'cuda' or os.environ.get('TRITON_INTERPRET') == '1'
+
+
 def model_from_checkpoint(ckpt, device='cpu', **overrides):
     """The LM described by ckpt['model_args'] (with overrides, e.g. dropout=0.0 or scan='naive'),
     with the checkpoint's weights, on device. Mismatches exit with one line."""
+    args = {**ckpt['model_args'], **overrides}
+    if args.get('scan') == 'triton' and not triton_runs_on(device):
+        args['scan'] = 'auto'   # trained with the Triton scan: the chunked one computes the same here
     try:
-        config = ModelConfig(**{**ckpt['model_args'], **overrides})
+        config = ModelConfig(**args)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"the checkpoint's model config does not fit model.py: {_first_line(e)}")
     model = LM(config)
@@ -499,6 +507,9 @@ def _train(cfg, explicit, model_args, model_keys, device, ddp, rank, world, mast
             model = LM(ModelConfig(**model_args)).to(device)
         except ValueError as e:
             raise SystemExit(f"train.py: {e}")
+    if model.config.scan == 'triton' and not triton_runs_on(device):
+        raise SystemExit(f"train.py: scan='triton' needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU "
+                         f"interpreter); on {device.type} use --scan=auto or --scan=chunked")
     raw_model = model
     dtype = resolve_dtype(cfg.dtype, device)
     ctx = autocast_context(device, dtype)
