@@ -16,7 +16,6 @@ Options are --key=value, parsed by train.parse_config (`python bench.py decode -
 """
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -26,10 +25,11 @@ import torch
 import scan as fm_scan
 
 
-def timed(fn, repeats, device):
-    """Median wall time of fn() over `repeats` runs after one warm-up, and peak CUDA memory."""
+def timed(fn, repeats, device, warmup=1):
+    """Median wall time (s) of fn() over `repeats` runs after `warmup` runs, and peak CUDA memory."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    fn()
+    for _ in range(warmup):
+        fn()
     sync()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
@@ -144,15 +144,8 @@ class DecodeBench:
     table: str = ''                      # write the markdown tables here too
 
 
-def _median_ms(fn, warmup, n):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _median_ms(fn, warmup, n, device):
+    return 1e3 * timed(fn, n, device, warmup)[0]
 
 
 def _sync(device):
@@ -187,10 +180,7 @@ def decode_context_rows(cfg, device, contexts, mixers):
             state_bytes = model.cache_bytes(caches)     # at position `ctx`, before decoding
             tok = torch.randint(mc.vocab_size, (cfg.batch_size,), generator=gen).to(device)
 
-            def step():
-                model.step(tok, caches)
-                _sync(device)
-            ms = _median_ms(step, cfg.warmup, cfg.tokens)
+            ms = _median_ms(lambda: model.step(tok, caches), cfg.warmup, cfg.tokens, device)
             recurrent = mixer != 'attention'
             rows.append({'bench': 'context', 'mixer': mixer,
                          'n_slots': mc.n_slots if recurrent else None,
@@ -228,11 +218,7 @@ def decode_slot_rows(cfg, device, slots):
             u = torch.randn(B, cfg.n_embd, device=device)
             state_bytes = cache.S.numel() * cache.S.element_size() + cache.conv.numel() * cache.conv.element_size()
 
-            def layer_step():
-                with torch.no_grad():
-                    layer.step(u, cache)
-                _sync(device)
-            ms_layer = _median_ms(layer_step, 3, cfg.slot_repeats)
+            ms_layer = _median_ms(lambda: layer.step(u, cache), 3, cfg.slot_repeats, device)
 
             S = torch.randn(B, H, m, P, device=device)
             x = torch.randn(B, H, P, device=device)
@@ -241,14 +227,10 @@ def decode_slot_rows(cfg, device, slots):
             beta, q = torch.rand(B, H, kk, device=device), torch.randn(B, H, kk, device=device)
             idx = torch.stack([torch.randperm(m, device=device)[:k] for _ in range(B)])
             if mixer == 'fm':
-                def scan_step():
-                    fm_scan.scan_step(S, x, g, beta, q)
-                    _sync(device)
+                scan_step = lambda: fm_scan.scan_step(S, x, g, beta, q)
             else:
-                def scan_step():
-                    fm_scan.scan_step_sparse(S, x, g, beta, q, idx)
-                    _sync(device)
-            ms_scan = _median_ms(scan_step, 3, cfg.slot_repeats)
+                scan_step = lambda: fm_scan.scan_step_sparse(S, x, g, beta, q, idx)
+            ms_scan = _median_ms(scan_step, 3, cfg.slot_repeats, device)
             touched = B * H * kk * P * 4     # float32 state bytes read (and written) per token
             for part, ms in (('layer', ms_layer), ('scan', ms_scan)):
                 rows.append({'bench': 'slots', 'part': part, 'mixer': mixer, 'n_slots': m,
