@@ -331,7 +331,7 @@ def bench_decode(cfg):
     contexts = [int(c) for c in cfg.contexts.split(',') if c]
     mixers = [m for m in cfg.mixers.split(',') if m]
     if cfg.out_dirs:   # trained models instead: {mixer: LM}
-        from train import load_checkpoint, model_from_checkpoint
+        from common import load_checkpoint, model_from_checkpoint
         models = [model_from_checkpoint(load_checkpoint(os.path.join(d, 'ckpt.pt')), 'cpu', dropout=0.0)
                   for d in cfg.out_dirs.split(',') if d]
         mixers = {m.config.mixer: m for m in models}
@@ -362,7 +362,7 @@ if __name__ == '__main__':
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
         sys.exit(f"usage: python bench.py {{{'|'.join(BENCHES)}}} [--key=value ...]")
     cls, run = BENCHES[sys.argv[1]]
-    from train import parse_config
+    from common import parse_config
     cfg = cls()
     parse_config(cfg, sys.argv[2:], prog=f'bench.py {sys.argv[1]}')
     run(cfg)

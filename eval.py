@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train import REPO_DIR, load_checkpoint, model_from_checkpoint, parse_config, resolve_device
+from common import REPO_DIR, load_checkpoint, model_from_checkpoint, parse_config, resolve_device
 
 MIXER_ORDER = ('fm', 'fm_sparse', 'mamba2', 'attention')
 

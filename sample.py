@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from train import autocast_context, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, resolve_dtype
+from common import autocast_context, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, resolve_dtype
 
 
 @dataclass

@@ -2,7 +2,7 @@
 # 16,769,888 parameters (4 layers x 256 wide; 12.9M of them are the tied 50304-token embedding).
 # The train split is only ~302k tokens, so this overfits after a few epochs: watch val loss
 # (the best checkpoint is kept with always_save_checkpoint=False). Sized for a GPU; on a CPU
-# the 50k-way softmax dominates and an iteration takes seconds.
+# the 50k-way softmax dominates the cost of an iteration.
 out_dir = 'out-shakespeare-bpe-fm-sparse'
 dataset = 'shakespeare'
 mixer = 'fm_sparse'

@@ -18,7 +18,7 @@ sys.path.insert(0, REPO)
 import bench  # noqa: E402
 import eval as fm_eval  # noqa: E402
 from model import LM, ModelConfig  # noqa: E402
-from train import CKPT_FORMAT  # noqa: E402
+from common import CKPT_FORMAT  # noqa: E402
 
 VOCAB = 16
 

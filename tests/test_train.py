@@ -24,6 +24,7 @@ TEXT = SHARED / 'data' / 'tinyshakespeare.txt'
 TIKTOKEN_CACHE = SHARED / 'tiktoken'
 
 sys.path.insert(0, str(REPO))
+import common  # noqa: E402
 import train  # noqa: E402
 from model import ModelConfig  # noqa: E402
 
@@ -121,11 +122,25 @@ def test_prepare_bpe(tmp_path):
 def test_parse_config_types_and_files(tmp_path):
     cfg = train.TrainConfig()
     f = tmp_path / 'c.py'
-    f.write_text("import math\nmax_iters = 7\nlearning_rate = 1\nn_slots = 32\n_private = 'ignored'\n")
-    got = train.parse_config(cfg, [str(f), '--max_iters=9', '--compile=True', '--dropout=0.1'], extra=ModelConfig)
-    assert (cfg.max_iters, cfg.learning_rate, cfg.compile) == (9, 1.0, True)
+    f.write_text("# a comment\nmax_iters = 7\nlearning_rate = 1  # an int is a valid float\nn_slots = 32\n")
+    got = common.parse_config(cfg, [str(f), '--max_iters=9', '--compile=True', '--dropout=0.1', '--out_dir=1,2'],
+                              extra=ModelConfig)
+    assert (cfg.max_iters, cfg.learning_rate, cfg.compile, cfg.out_dir) == (9, 1.0, True, '1,2')
     assert isinstance(cfg.learning_rate, float)
-    assert got == {'max_iters': 9, 'learning_rate': 1.0, 'n_slots': 32, 'compile': True, 'dropout': 0.1}
+    assert got == {'max_iters': 9, 'learning_rate': 1.0, 'n_slots': 32, 'compile': True, 'dropout': 0.1,
+                   'out_dir': '1,2'}
+
+
+def test_config_file_is_flat_assignments(tmp_path):
+    f = tmp_path / 'c.py'
+    f.write_text("max_iters = 7\nexec(open('other.py').read())\n")
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(train.TrainConfig(), [str(f)])
+    assert 'c.py:2' in str(e.value.code) and 'key = literal' in str(e.value.code)
+    f.write_text("learning_rate = 'fast'\n")
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(train.TrainConfig(), [str(f)])
+    assert "learning_rate = 'fast' in config file" in str(e.value.code) and 'not a valid float' in str(e.value.code)
 
 
 @pytest.mark.parametrize('argv,needle', [
@@ -137,7 +152,7 @@ def test_parse_config_types_and_files(tmp_path):
 ])
 def test_parse_config_rejects(argv, needle):
     with pytest.raises(SystemExit) as e:
-        train.parse_config(train.TrainConfig(), argv, extra=ModelConfig, prog='train.py')
+        common.parse_config(train.TrainConfig(), argv, extra=ModelConfig, prog='train.py')
     msg = str(e.value.code)
     assert needle in msg and 'valid keys:' in msg and 'learning_rate' in msg and 'n_slots' in msg
     assert '\n' not in msg
@@ -168,7 +183,7 @@ def test_train_writes_log_and_checkpoint(runs):
     assert all({'lr', 'ms_per_iter', 'tokens_per_s'} <= set(r) for r in steps)
     assert evals[-1]['val_loss'] < evals[0]['val_loss']
     ck = torch.load(runs['part'] / 'ckpt.pt', weights_only=True)
-    assert ck['format'] == train.CKPT_FORMAT and ck['iter_num'] == 30
+    assert ck['format'] == common.CKPT_FORMAT and ck['iter_num'] == 30
     assert ck['model_args']['mixer'] == 'fm_sparse' and ck['model_args']['n_embd'] == 64
     assert ck['config']['max_iters'] == 30 and 'rng' in ck and ck['meta']['tokenizer'] == 'char'
     assert runs['ckpt20']['iter_num'] == 20
@@ -232,9 +247,9 @@ def test_corrupt_or_foreign_checkpoint_is_refused(runs, data_dir, tmp_path):
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / 'ckpt.pt'
-    good = {'format': train.CKPT_FORMAT, 'model': {'w': torch.ones(3)}, 'model_args': {}, 'iter_num': 10,
+    good = {'format': common.CKPT_FORMAT, 'model': {'w': torch.ones(3)}, 'model_args': {}, 'iter_num': 10,
             'config': {}}
-    train.save_checkpoint(good, str(path))
+    common.save_checkpoint(good, str(path))
     real_save = torch.save
 
     def dying_save(obj, f, *a, **k):   # writes part of the file, then the process "dies"
@@ -244,9 +259,9 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, 'save', dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({**good, 'iter_num': 20, 'model': {'w': torch.zeros(3)}}, str(path))
+        common.save_checkpoint({**good, 'iter_num': 20, 'model': {'w': torch.zeros(3)}}, str(path))
     monkeypatch.setattr(torch, 'save', real_save)
-    ck = train.load_checkpoint(str(path))
+    ck = common.load_checkpoint(str(path))
     assert ck['iter_num'] == 10 and torch.equal(ck['model']['w'], torch.ones(3))
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']   # no temporary file left behind
 
@@ -267,7 +282,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monk
         train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=30'])
     msg = str(e.value.code)
     assert 'not finite' in msg and 'iter 10' in msg and 'last good checkpoint' in msg and '\n' not in msg
-    assert train.load_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num'] == 10
+    assert common.load_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num'] == 10
 
 
 # --- data parallel -------------------------------------------------------------------------
