@@ -15,7 +15,8 @@ Training runs the parallel forward (chunked scan); decoding runs one token at a
 time through a cache holding a constant-size state (a KV cache for attention).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -29,10 +30,11 @@ SCANS = ('auto', 'naive', 'chunked', 'triton')
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50304
-    block_size: int = 256       # training context; recurrent mixers run past it
+    """The model. Its defaults are train.py's default run: sparse FM, 4 layers x 128, on characters."""
+    vocab_size: int = 50304     # train.py sets it from the dataset (65 characters for shakespeare_char)
+    block_size: int = 64        # training context; recurrent mixers run past it
     n_layer: int = 4
-    n_embd: int = 256
+    n_embd: int = 128
     n_head: int = 4             # attention heads (recurrent mixers have expand*n_embd/head_dim heads)
     dropout: float = 0.0
     bias: bool = False
@@ -41,6 +43,7 @@ class ModelConfig:
     head_dim: int = 64          # P
     n_slots: int = 64           # m: memory slots (Mamba-2: state size N)
     top_k: int = 8              # k: slots written and read per token (fm_sparse)
+    update_rate: str = 'head'   # Δ per head (Mamba-2's), or 'slot': per slot, shared by the heads (fm, fm_sparse)
     d_conv: int = 4
     chunk_size: int = 64
     scan: str = 'auto'          # auto: Triton on CUDA, chunked PyTorch elsewhere
@@ -59,6 +62,9 @@ class ModelConfig:
         c = self.chunk_size
         need(isinstance(c, int) and c >= 16 and c & (c - 1) == 0, 'chunk_size',
              "must be a power of two >= 16")
+        need(self.update_rate in ('head', 'slot'), 'update_rate', "must be 'head' or 'slot'")
+        need(self.update_rate == 'head' or self.mixer in ('fm', 'fm_sparse'), 'update_rate',
+             f"'slot' is for the FM mixers (fm, fm_sparse), not {self.mixer}")
         if self.mixer == 'attention':
             need(self.n_embd % self.n_head == 0, 'n_head', f"must divide n_embd={self.n_embd}")
             need((self.n_embd // self.n_head) % 2 == 0, 'n_head',
@@ -107,6 +113,20 @@ class RecurrentCache:
     S: torch.Tensor      # (B, H, M, P) float32: the memory
 
 
+def scan_impls(config, device):
+    """The scan for the parallel forward, and the one-token steps (dense, sparse), for a device:
+    the Triton kernels with scan='triton' (which 'auto' means on CUDA), else scan.py."""
+    mode = config.scan
+    if mode == 'auto':
+        mode = 'triton' if torch.device(device).type == 'cuda' else 'chunked'
+    if mode == 'triton':
+        import kernels
+        return (partial(kernels.scan_triton, chunk_size=config.chunk_size),
+                kernels.scan_step_triton, kernels.scan_step_sparse_triton)
+    scan = fm_scan.scan_naive if mode == 'naive' else partial(fm_scan.scan_chunked, chunk_size=config.chunk_size)
+    return scan, fm_scan.scan_step, fm_scan.scan_step_sparse
+
+
 class RecurrentMixer(nn.Module):
     """FM (mixer='fm' or 'fm_sparse') or Mamba-2 (mixer='mamba2'): one in_proj, a
     short causal conv, the shared scan, a gated RMSNorm and out_proj."""
@@ -120,13 +140,14 @@ class RecurrentMixer(nn.Module):
         self.H = self.d_inner // self.P
         self.M = config.n_slots
         self.k = config.top_k
-        # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H)
-        self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.H, bias=config.bias)
+        self.n_dt = self.M if config.update_rate == 'slot' else self.H   # one Δ per slot, or per head
+        # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H, or m per slot)
+        self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.n_dt, bias=config.bias)
         self.conv_dim = self.d_inner + 2 * self.M      # conv over [x, r, q]
         self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
                               padding=config.d_conv - 1)
         # Mamba-2's initialisation: Δ = softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in [-16, -1].
-        dt = torch.exp(torch.rand(self.H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        dt = torch.exp(torch.rand(self.n_dt) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.empty(self.H).uniform_(1, 16)))
         self.D_skip = nn.Parameter(torch.ones(self.H))
@@ -134,35 +155,49 @@ class RecurrentMixer(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    # --- the gates: DESIGN.md's equations, in its symbols ---------------------
+    # --- the gates, in the README's symbols ----------------------------------
+    def route(self, r):
+        """r (..., M) router logits -> w (..., M), the slot weights: softmax over all slots (fm),
+        or over the top-k logits and 0 elsewhere (fm_sparse, which also returns the active
+        slots idx (..., k); None otherwise)."""
+        r = r.float()
+        if self.kind != 'fm_sparse':
+            return r.softmax(-1), None
+        top, idx = r.topk(self.k, dim=-1)
+        return torch.zeros_like(r).scatter(-1, idx, top.softmax(-1)), idx
+
     def gates(self, r, q, dt):
-        """r, q (..., M) after conv; dt (..., H). Returns g, beta, q_read (..., H, M) float32
+        """r, q (..., M) after the conv; dt (..., H), or (..., M) with update_rate='slot'.
+        Returns g, beta, q_read (..., H, M) float32 and the active slots idx (..., k) or None
         (g is (..., H, 1) for Mamba-2: one decay for all slots)."""
-        Δ = F.softplus(dt.float() + self.dt_bias)                  # (..., H) > 0
+        Δ = F.softplus(dt.float() + self.dt_bias)                  # (..., H) > 0, or (..., M)
         A = -torch.exp(self.A_log.float())                         # (H)      < 0
         if self.kind == 'mamba2':
             g = (Δ * A)[..., None]                                 # (..., H, 1)
             beta = Δ[..., None] * r.float()[..., None, :]          # Δ·B_t
-            return g, beta, q.float()[..., None, :].expand_as(beta)
-        w, active = self.route(r)                                  # (..., M)
-        g = (Δ * A)[..., None] * w[..., None, :]                   # log-decay of slot i, <= 0
-        beta = Δ[..., None] * w[..., None, :]                      # write strength into slot i
-        q_read = q.float() if active is None else q.float() * active   # sparse: read only active slots
-        return g, beta, q_read[..., None, :].expand_as(beta)
+            return g, beta, q.float()[..., None, :].expand_as(beta), None
+        w, idx = self.route(r)                                     # (..., M)
+        if self.n_dt == self.M:                                    # per-slot rate: Δ[t,i], shared by the heads
+            beta = (Δ * w)[..., None, :].expand(*w.shape[:-1], self.H, self.M)  # write strength Δ_i·w_i
+            g = A[:, None] * beta                                  # log-decay A_h·Δ_i·w_i <= 0
+        else:
+            beta = Δ[..., None] * w[..., None, :]                  # write strength into slot i
+            g = A[:, None] * beta                                  # log-decay of slot i: Δ·A·w <= 0
+        q_read = q.float() if idx is None else q.float() * (w > 0)   # sparse: read only active slots
+        return g, beta, q_read[..., None, :].expand_as(beta), idx
 
-    def route(self, r):
-        """w (..., M): softmax over all slots (fm), or over the top-k logits and 0 elsewhere
-        (fm_sparse, which also returns the 0/1 mask of active slots)."""
-        r = r.float()
-        if self.kind == 'fm':
-            return r.softmax(-1), None
-        top, idx = r.topk(self.k, dim=-1)
-        w = torch.zeros_like(r).scatter(-1, idx, top.softmax(-1))
-        active = torch.zeros_like(r).scatter(-1, idx, 1.0)
-        return w, active
+    def inputs(self, xrq, dt):
+        """The conv's output xrq (..., E·D + 2M) and dt -> the scan's inputs x (..., H, P) and
+        g, beta, q_read (..., H, M), and idx. Shared by the parallel forward and the step."""
+        x, r, q = torch.split(xrq, [self.d_inner, self.M, self.M], dim=-1)
+        x, q = F.silu(x), F.silu(q)
+        if self.kind == 'mamba2':
+            r = F.silu(r)                                          # Mamba-2's B; FM's r stays raw (router logits)
+        g, beta, q_read, idx = self.gates(r, q, dt)
+        return x.unflatten(-1, (self.H, self.P)), g, beta, q_read, idx
 
     def split(self, zxrqdt):
-        return torch.split(zxrqdt, [self.d_inner, self.conv_dim, self.H], dim=-1)
+        return torch.split(zxrqdt, [self.d_inner, self.conv_dim, self.n_dt], dim=-1)
 
     def output(self, y, x, z):
         """y, x (..., H, P); z (..., E·D) -> (..., n_embd)."""
@@ -170,30 +205,15 @@ class RecurrentMixer(nn.Module):
         y = y.flatten(-2)
         return self.dropout(self.out_proj(self.norm(y * F.silu(z))))
 
-    def scan_fn(self, device):
-        mode = self.config.scan
-        if mode == 'auto':
-            mode = 'triton' if device.type == 'cuda' else 'chunked'
-        if mode == 'triton':
-            import kernels
-            return lambda *a: kernels.scan_triton(*a, chunk_size=self.config.chunk_size)
-        if mode == 'naive':
-            return fm_scan.scan_naive
-        return lambda *a: fm_scan.scan_chunked(*a, chunk_size=self.config.chunk_size)
-
     # --- parallel form -------------------------------------------------------
     def forward(self, u, return_cache=False):
         """u (B,T,n_embd) -> (B,T,n_embd), and with return_cache the cache to decode on from."""
         B, T, _ = u.shape
         z, xrq, dt = self.split(self.in_proj(u))
         xrq_c = self.conv(xrq.transpose(1, 2))[..., :T].transpose(1, 2)   # causal: keep the first T
-        x, r, q = torch.split(xrq_c, [self.d_inner, self.M, self.M], dim=-1)
-        x, q = F.silu(x), F.silu(q)
-        if self.kind == 'mamba2':
-            r = F.silu(r)                                          # Mamba-2's B; FM's r stays raw (router logits)
-        g, beta, q_read = self.gates(r, q, dt)                     # (B,T,H,M)
-        x = x.view(B, T, self.H, self.P)
-        y, S = self.scan_fn(u.device)(x, g, beta, q_read)
+        x, g, beta, q_read, _ = self.inputs(xrq_c, dt)              # (B,T,H,P), (B,T,H,M)
+        scan, _, _ = scan_impls(self.config, u.device)
+        y, S = scan(x, g, beta, q_read)
         out = self.output(y, x, z)
         if not return_cache:
             return out
@@ -205,31 +225,18 @@ class RecurrentMixer(nn.Module):
     # --- one token -----------------------------------------------------------
     def step(self, u, cache):
         """u (B,n_embd) -> (B,n_embd); updates cache in place. Cost does not grow with position."""
-        B = u.shape[0]
         z, xrq, dt = self.split(self.in_proj(u))
         window = torch.cat([cache.conv, xrq[..., None]], dim=-1)   # (B, ch, d_conv)
         cache.conv = window[..., 1:]
         xrq_c = ((window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias).to(xrq.dtype)  # as the conv under autocast
-        x, r, q = torch.split(xrq_c, [self.d_inner, self.M, self.M], dim=-1)
-        x, q = F.silu(x), F.silu(q)
-        x = x.view(B, self.H, self.P)
-        if self.kind == 'mamba2':
-            r = F.silu(r)
-        g, beta, q_read = self.gates(r, q, dt)                     # (B,H,M)
-        if self.kind == 'fm_sparse':                               # touch only the k active rows of S
-            idx = r.float().topk(self.k, dim=-1).indices           # (B,k): the slots route() chose
-            pick = lambda t: t.gather(-1, idx[:, None, :].expand(B, self.H, self.k))  # (B,H,k)
-            y, cache.S = self.step_fn(cache.S, sparse=True)(cache.S, x, pick(g), pick(beta), pick(q_read), idx)
-        else:
-            y, cache.S = self.step_fn(cache.S)(cache.S, x, g, beta, q_read)
+        x, g, beta, q_read, idx = self.inputs(xrq_c, dt)           # (B,H,P), (B,H,M), idx (B,k)
+        _, step, step_sparse = scan_impls(self.config, u.device)
+        if idx is None:
+            y, cache.S = step(cache.S, x, g, beta, q_read)
+        else:                                                      # touch only the k active rows of S
+            pick = lambda t: t.gather(-1, idx[:, None, :].expand(*t.shape[:-1], self.k))  # (B,H,k)
+            y, cache.S = step_sparse(cache.S, x, pick(g), pick(beta), pick(q_read), idx)
         return self.output(y, x, z)
-
-    def step_fn(self, S, sparse=False):
-        """The one-token scan: Triton on CUDA, scan.py elsewhere."""
-        if S.is_cuda and self.config.scan in ('auto', 'triton'):
-            import kernels
-            return kernels.scan_step_sparse_triton if sparse else kernels.scan_step_triton
-        return fm_scan.scan_step_sparse if sparse else fm_scan.scan_step
 
     def new_cache(self, B, device):
         return RecurrentCache(conv=torch.zeros(B, self.conv_dim, self.config.d_conv - 1, device=device),
@@ -349,6 +356,20 @@ class LM(nn.Module):
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, T):
+        """Training FLOPs (forward + backward = 3x forward) per token at context T, as in PaLM's
+        MFU: 6 per parameter, plus the mixing. Attention, causal: q·k and a·v, 2·T/2·n_embd each.
+        The chunked scan per head (chunk C): the state write and read, 2·M·P each, and the
+        intra-chunk scores and their product with x, 2·C/2·M and 2·C/2·P (every slot is computed,
+        sparse or not). An estimate: the convolution, norms and gates are left out."""
+        c = self.config
+        if c.mixer == 'attention':
+            mix = 2 * T * c.n_embd
+        else:
+            H, M, P, C = c.expand * c.n_embd // c.head_dim, c.n_slots, c.head_dim, min(c.chunk_size, T)
+            mix = H * (4 * M * P + C * (M + P))
+        return 6 * self.get_num_params() + 3 * c.n_layer * mix
 
     def forward(self, idx, targets=None):
         """idx (B,T) -> logits (B,T,V), and the mean cross-entropy if targets (B,T) are given."""

@@ -131,6 +131,8 @@ def test_tiny_model_overfits_one_batch(mixer):
     (dict(mixer='attention', n_head=3), 'n_head'),
     (dict(n_layer=0), 'n_layer'),
     (dict(dropout=1.0), 'dropout'),
+    (dict(update_rate='topic'), 'update_rate'),
+    (dict(mixer='mamba2', update_rate='slot'), 'update_rate'),
 ])
 def test_impossible_configs_raise_a_clear_error(kw, field):
     kw = dict(kw)
@@ -146,7 +148,8 @@ def gate_inputs():
 def test_mamba2_gates_follow_the_equations():
     mixer = RecurrentMixer(tiny('mamba2'))
     r, q, dt = gate_inputs()                                     # r is Mamba-2's B, q its C
-    g, beta, q_read = mixer.gates(r, q, dt)
+    g, beta, q_read, idx = mixer.gates(r, q, dt)
+    assert idx is None
     delta = torch.nn.functional.softplus(dt + mixer.dt_bias)
     A = -torch.exp(mixer.A_log)
     assert g.shape == (5, 4, 1)                                  # one decay for all slots
@@ -156,27 +159,51 @@ def test_mamba2_gates_follow_the_equations():
 
 
 @pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
-def test_fm_gates_follow_the_equations(mixer):
-    m = RecurrentMixer(tiny(mixer))
+@pytest.mark.parametrize('update_rate', ['head', 'slot'])
+def test_fm_gates_follow_the_equations(mixer, update_rate):
+    m = RecurrentMixer(tiny(mixer, update_rate=update_rate))
     r, q, dt = gate_inputs()
-    g, beta, q_read = m.gates(r, q, dt)
+    if update_rate == 'slot':
+        dt = torch.randn(5, 16)                                  # one rate per slot, shared by the 4 heads
+    g, beta, q_read, idx = m.gates(r, q, dt)
     delta = torch.nn.functional.softplus(dt + m.dt_bias)
     A = -torch.exp(m.A_log)
     if mixer == 'fm':
         w = r.softmax(-1)
+        assert idx is None
     else:                                                        # softmax over the top-4 of 16, 0 elsewhere
-        top, idx = r.topk(4, dim=-1)
-        w = torch.zeros_like(r).scatter(-1, idx, top.softmax(-1))
-    w = w[:, None, :]                                            # shared by the 4 heads
-    assert torch.allclose(g, (delta * A)[..., None] * w, atol=1e-7)   # g = Δ·A·w
-    assert torch.allclose(beta, delta[..., None] * w, atol=1e-7)      # beta = Δ·w
-    expected_q = q[:, None, :] * (w > 0) if mixer == 'fm_sparse' else q[:, None, :]
+        top, top_idx = r.topk(4, dim=-1)
+        w = torch.zeros_like(r).scatter(-1, top_idx, top.softmax(-1))
+        assert torch.equal(idx.sort(-1).values, top_idx.sort(-1).values)
+    if update_rate == 'head':
+        rate = delta[..., None] * w[:, None, :]                  # Δ_h·w_i: (5,4,16)
+    else:
+        rate = (delta * w)[:, None, :].expand(5, 4, 16)          # Δ_i·w_i, the same in every head
+    assert torch.allclose(g, A[:, None] * rate, atol=1e-7)       # g = Δ·A·w
+    assert torch.allclose(beta, rate, atol=1e-7)                 # beta = Δ·w
+    expected_q = q[:, None, :] * (w[:, None, :] > 0) if mixer == 'fm_sparse' else q[:, None, :]
     assert torch.equal(q_read, expected_q.expand(5, 4, 16))      # sparse: read only the active slots
+
+
+@pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
+def test_per_slot_update_rate_decodes_like_the_forward(mixer):
+    torch.manual_seed(0)
+    model = LM(tiny(mixer, update_rate='slot')).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    idx = torch.randint(0, 32, (2, 40))
+    with torch.no_grad():
+        full, _ = model(idx)
+    stepped, _ = decode_all(model, idx, 5)
+    assert full.std() > 1.0
+    assert rel_err(stepped, full) <= 1e-4
 
 
 @pytest.mark.parametrize('mixer', ['fm', 'fm_sparse', 'mamba2'])
 def test_mixer_equals_the_design_equations(mixer):
-    """RecurrentMixer.forward against DESIGN.md written out longhand on scan_naive."""
+    """RecurrentMixer.forward against the layer's equations (README) written out longhand on scan_naive."""
     from scan import scan_naive
     F = torch.nn.functional
     torch.manual_seed(0)
