@@ -1,9 +1,7 @@
 """
-Evaluate checkpoints beyond their training context, and reproduce the comparison.
+Evaluate checkpoints beyond their training context.
 
     python eval.py --out_dirs=out-fm,out-attention --lengths=1,2,4,8,16 --plot=results/eval.png
-    python eval.py --reproduce=True                  # train fm, fm_sparse, mamba2, attention on
-                                                     # tiny-Shakespeare, evaluate, benchmark decoding
 
 Evaluation: for every checkpoint (out_dir/ckpt.pt, written by train.py), the validation
 loss and perplexity at context lengths L = 1x, 2x, 4x, 8x and 16x the training block_size.
@@ -15,26 +13,10 @@ scored at all its positions). The loss by token position (mean over the windows 
 position) is kept for every length and plotted for the longest one.
 
 Outputs: a markdown table (--table), a PNG plot (--plot), and every number in JSON (--json).
-
-Reproduction (--reproduce=True): trains the four mixers with config/shakespeare_char_<mixer>.py
-(equal parameter counts within 5 %, equal tokens), each with `python train.py`, into
-runs_dir/<mixer>; then the evaluation above; then `python bench.py decode`; everything it
-writes goes to results_dir (results/ by default), with a summary in results_dir/summary.md.
-Training runs in rounds of --round_iters iterations per mixer (train.py --init_from=resume
-continues a run exactly: optimizer, schedule, data order), so that on a slow or busy machine
-it stops after the last round that fits in --train_minutes with every mixer at the same
-iteration count (equal tokens). The learning-rate schedule is always the one of --max_iters
-(the configs' 1500 by default), so a run cut short ends before its learning rate has decayed.
---train_args passes further --key=value to train.py.
-
-    python eval.py --reproduce=True --max_iters=600 --train_minutes=25   # what results/ holds:
-                                                     # 13.7 min on 2 CPU cores (see results/RESULTS.md)
 """
 import json
 import math
 import os
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,10 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import REPO_DIR, load_checkpoint, model_from_checkpoint, parse_config, resolve_device
-
-MIXER_ORDER = ('fm', 'fm_sparse', 'mamba2', 'attention')
-
+from common import REPO_DIR, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, train_tokens
 
 @dataclass
 class EvalConfig:
@@ -60,17 +39,6 @@ class EvalConfig:
     table: str = 'results/eval.md'
     plot: str = 'results/eval.png'
     json: str = 'results/eval.json'
-    # --- reproduction ---
-    reproduce: bool = False
-    mixers: str = 'fm,fm_sparse,mamba2,attention'
-    runs_dir: str = 'out-repro'          # checkpoints go to runs_dir/<mixer>
-    results_dir: str = 'results'
-    max_iters: int = 0                   # 0 = the configs' max_iters (also the LR schedule's length)
-    train_args: str = '--eval_iters=10'  # extra train.py arguments
-    round_iters: int = 100               # train in rounds: every mixer this many iterations, then the next round
-    train_minutes: float = 45.0          # no new round once the next would end past this; 0 = no limit
-    skip_trained: bool = False           # continue from the checkpoints in runs_dir (else train from scratch)
-    decode_args: str = '--contexts=1024,8192,16384'   # bench.py decode arguments
 
 
 def ints(csv):
@@ -79,10 +47,6 @@ def ints(csv):
 
 def log(msg):
     print(msg, flush=True)
-
-
-# -----------------------------------------------------------------------------
-# Evaluation
 
 
 def val_tokens(ckpt, cfg):
@@ -135,13 +99,12 @@ def evaluate(cfg):
         ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
         model = model_from_checkpoint(ckpt, device, dropout=0.0).eval()
         data = val_tokens(ckpt, cfg)
-        margs, tc = ckpt['model_args'], ckpt['config']
+        margs = ckpt['model_args']
         bs = margs['block_size']
         r = {'out_dir': out_dir, 'mixer': margs['mixer'], 'params': model.get_num_params(),
              'block_size': bs, 'n_slots': margs.get('n_slots'), 'top_k': margs.get('top_k'),
              'iter_num': int(ckpt['iter_num']),
-             'train_tokens': int(ckpt['iter_num']) * tc.get('batch_size', 0) * bs
-             * tc.get('gradient_accumulation_steps', 1) * ckpt.get('world_size', 1),
+             'train_tokens': train_tokens(ckpt),
              'best_val_loss': float(ckpt.get('best_val_loss', float('nan'))), 'lengths': []}
         for mult in mults:
             L = mult * bs
@@ -230,142 +193,10 @@ def plot(results, path):
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-# Reproduction: train the four mixers, evaluate, benchmark decoding
-
-
-def run_logged(cmd, log_path):
-    """Run cmd (a list), streaming its output to stdout and to log_path; exit if it fails."""
-    log(f"$ {shlex.join(cmd)}    (log: {log_path})")
-    t0 = time.time()
-    with open(log_path, 'w') as f:
-        p = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in p.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            f.write(line)
-        rc = p.wait()
-    if rc != 0:
-        raise SystemExit(f"eval.py: command failed with exit status {rc}: {shlex.join(cmd)} (log: {log_path})")
-    return time.time() - t0
-
-
-def reproduce(cfg):
-    t_start = time.time()
-    res, runs = cfg.results_dir, cfg.runs_dir
-    os.makedirs(res, exist_ok=True)
-    mixers = [m for m in cfg.mixers.split(',') if m]
-    py = sys.executable
-    timings = {}
-    out_dirs, skipped = [], []
-    confs = {}
-    for mixer in mixers:
-        conf = os.path.join('config', f'shakespeare_char_{mixer}.py')
-        if not os.path.isfile(os.path.join(REPO_DIR, conf)):
-            raise SystemExit(f"eval.py: no {conf}; the reproduction trains with config/shakespeare_char_<mixer>.py")
-        confs[mixer] = conf
-        out_dirs.append(os.path.join(runs, mixer))
-    if cfg.max_iters:
-        total_iters = cfg.max_iters
-    else:   # the configs' own max_iters (they agree: equal tokens)
-        from train import TrainConfig
-        its = set()
-        for conf in confs.values():
-            tc = TrainConfig()
-            parse_config(tc, [conf], extra=__import__('model').ModelConfig, prog='eval.py')
-            its.add(tc.max_iters)
-        if len(its) != 1:
-            raise SystemExit(f"eval.py: the configs disagree on max_iters ({sorted(its)}); pass --max_iters")
-        total_iters = its.pop()
-
-    def done_iters(out_dir):
-        path = os.path.join(out_dir, 'ckpt.pt')
-        return int(torch.load(path, map_location='cpu', weights_only=True)['iter_num']) if os.path.exists(path) else 0
-
-    if not cfg.skip_trained:
-        for d in out_dirs:
-            if os.path.exists(os.path.join(d, 'ckpt.pt')):
-                os.remove(os.path.join(d, 'ckpt.pt'))
-    else:
-        skipped = [f"{m} (from iteration {done_iters(d)})" for m, d in zip(mixers, out_dirs) if done_iters(d) > 0]
-    step = cfg.round_iters or total_iters
-    reached = min(done_iters(d) for d in out_dirs)
-    round_times = []
-    while reached < total_iters:
-        target = min(total_iters, reached + step)
-        elapsed = (time.time() - t_start) / 60
-        if round_times and cfg.train_minutes and \
-                elapsed + round_times[-1] * (target - reached) / step / 60 > cfg.train_minutes:
-            log(f"[reproduce] stopping training at {reached} of {total_iters} iterations: another round, "
-                f"as long as the last, would end past --train_minutes={cfg.train_minutes:g} ({elapsed:.1f} min so far)")
-            break
-        t_round = time.time()
-        for mixer, out_dir in zip(mixers, out_dirs):
-            if done_iters(out_dir) >= target:
-                continue
-            resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-            os.makedirs(out_dir, exist_ok=True)
-            cmd = [py, os.path.join(REPO_DIR, 'train.py'), confs[mixer], f'--out_dir={out_dir}',
-                   f'--max_iters={target}', f'--lr_decay_iters={total_iters}',
-                   f'--init_from={"resume" if resume else "scratch"}'] + shlex.split(cfg.train_args)
-            t = run_logged(cmd, os.path.join(out_dir, f'train_{target}.log'))
-            timings[f'train {mixer}'] = timings.get(f'train {mixer}', 0.0) + t
-        round_times.append(time.time() - t_round)
-        reached = target
-        log(f"[reproduce] every mixer at iteration {reached} of {total_iters} "
-            f"({(time.time() - t_start) / 60:.1f} min so far)")
-    timings['train (all)'] = time.time() - t_start
-    train_note = (f"trained {reached} of {total_iters} iterations per mixer (the learning-rate schedule is "
-                  f"the one of {total_iters}" + (", so it stopped before decaying" if reached < total_iters else "")
-                  + ")")
-
-    t0 = time.time()
-    ecfg = EvalConfig(out_dirs=','.join(out_dirs), lengths=cfg.lengths, eval_tokens=cfg.eval_tokens,
-                      batch_size=cfg.batch_size, data_dir=cfg.data_dir, device=cfg.device, threads=cfg.threads,
-                      table=os.path.join(res, 'eval.md'), plot=os.path.join(res, 'eval.png'),
-                      json=os.path.join(res, 'eval.json'))
-    results = evaluate(ecfg)
-    train_note += f", {results[0]['train_tokens'] / 1e6:.2f}M training tokens per mixer" if results else ''
-    timings['eval'] = time.time() - t0
-
-    decode_md = os.path.join(res, 'decode.md')
-    cmd = [py, os.path.join(REPO_DIR, 'bench.py'), 'decode', '--device=cpu', f'--out_dirs={",".join(out_dirs)}',
-           f'--json={os.path.join(res, "decode.json")}', f'--table={decode_md}'] + shlex.split(cfg.decode_args)
-    timings['bench decode'] = run_logged(cmd, os.path.join(res, 'decode.log'))
-    timings['total'] = time.time() - t_start
-
-    params = {r['mixer']: r['params'] for r in results}
-    spread = (max(params.values()) / min(params.values()) - 1) * 100 if params else 0.0
-    with open(os.path.join(res, 'reproduce.json'), 'w') as f:
-        json.dump({'config': asdict(cfg), 'timings_s': timings, 'iters': reached, 'total_iters': total_iters, 'params': params,
-                   'param_spread_percent': spread, 'threads': torch.get_num_threads(),
-                   'torch': torch.__version__, 'cpu_count': os.cpu_count()}, f, indent=1)
-    with open(os.path.join(res, 'summary.md'), 'w') as f:
-        f.write(f"# Reproduction: `{shlex.join(['python', 'eval.py'] + sys.argv[1:])}`\n\n")
-        if skipped:
-            f.write(f"(training continued from an earlier run's checkpoints with --skip_trained=True: "
-                    f"{', '.join(skipped)}; the earlier run's time is not in the wall time below)\n\n")
-        f.write(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, device {cfg.device}; "
-                f"parameter counts differ by {spread:.1f} % at most; wall time "
-                f"{timings['total'] / 60:.1f} min (" +
-                ', '.join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if k != 'total') + ").\n\n"
-                + train_note + ".\n\n")
-        f.write("## Validation loss beyond the training context\n\n")
-        f.write(markdown_table(results))
-        f.write(f"\n![loss vs length and by position](eval.png)\n\n## Decoding\n\n")
-        with open(decode_md) as g:
-            f.write(g.read())
-    log(f"[reproduce] done in {timings['total'] / 60:.1f} min; results in {res}/ "
-        "(summary.md, eval.md, eval.png, eval.json, decode.md, decode.json, reproduce.json)")
-
-
 def main(argv=None):
     cfg = EvalConfig()
     parse_config(cfg, sys.argv[1:] if argv is None else argv, prog='eval.py')
-    if cfg.reproduce:
-        reproduce(cfg)
-    else:
-        evaluate(cfg)
+    evaluate(cfg)
 
 
 if __name__ == '__main__':

@@ -1,19 +1,18 @@
 """
 Train a language model (FM, sparse FM, Mamba-2 or attention mixer) on a prepared dataset.
 
-    python train.py                                   # the default: fm_sparse on shakespeare_char, CPU-sized
-    python train.py config/shakespeare_char_fm.py     # a config file (a Python file assigning keys)
+    python train.py                                   # the default run: fm_sparse on shakespeare_char
+    python train.py config/shakespeare_char_fm.py     # a config file (flat `key = value` lines)
     python train.py --n_layer=2 --max_iters=100       # --key=value overrides (type-checked)
-    python train.py --out_dir=out --init_from=resume  # continue a run from out/ckpt.pt
+    python train.py --out_dir=out --init_from=resume  # continue a run from out/ckpt.pt, exactly
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (DDP; NCCL on CUDA, gloo on CPU)
-    python train.py --help                            # every key with its default
+    python train.py --help                            # every key with its value
 
-Configuration is the TrainConfig dataclass below plus the model's keys (ModelConfig in
-model.py); the script's model defaults are MODEL_DEFAULTS. Arguments are applied left to
-right: config files, then --key=value. parse_config() is shared with sample.py and eval.py.
+The keys are TrainConfig's below and ModelConfig's (model.py); both dataclasses' defaults are
+the default run. Arguments apply left to right: config files, then --key=value.
 
-Outputs in out_dir: ckpt.pt (written atomically; see save_checkpoint) and log.jsonl
-(one JSON object per logged training step and per evaluation).
+Outputs in out_dir: ckpt.pt (replaced atomically, so an interrupted run keeps the last good one)
+and log.jsonl (one JSON object per logged training step and per evaluation).
 """
 import dataclasses
 import json
@@ -23,16 +22,14 @@ import pickle
 import subprocess
 import sys
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from common import (CKPT_FORMAT, REPO_DIR, autocast_context, first_line as _first_line, load_checkpoint,
-                    model_from_checkpoint, parse_config, resolve_device, resolve_dtype, save_checkpoint,
-                    triton_runs_on)
+from common import (CKPT_FORMAT, REPO_DIR, autocast_context, first_line, load_checkpoint, model_from_checkpoint,
+                    parse_config, resolve_device, resolve_dtype, save_checkpoint, train_tokens, triton_runs_on)
 from model import LM, ModelConfig
 
 
@@ -59,87 +56,54 @@ class TrainConfig:
     grad_clip: float = 1.0               # clip the gradient norm to this; 0 disables
     decay_lr: bool = True
     warmup_iters: int = 100
-    lr_decay_iters: int = 1500           # keep equal to max_iters (it is a separate key so that
+    lr_decay_iters: int = 1500           # keep equal to max_iters (a separate key so that
     min_lr: float = 2e-4                 #   extending a run with resume keeps the schedule)
     # system
     device: str = 'auto'                 # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
     dtype: str = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'float32' | 'bfloat16' | 'float16'
     compile: bool = False                # torch.compile the model
+    peak_flops: float = 0.0              # per device, for MFU; 0 = known GPUs' bf16 peak (else no MFU)
     seed: int = 1337
 
     def validate(self):
-        def need(ok, name, msg):
+        checks = [(self.init_from in ('scratch', 'resume'), 'init_from', "'scratch' or 'resume'"),
+                  (self.learning_rate > 0, 'learning_rate', "> 0"),
+                  (self.grad_clip >= 0, 'grad_clip', ">= 0 (0 disables clipping)"),
+                  (self.peak_flops >= 0, 'peak_flops', ">= 0 (0 = from the GPU's name)")]
+        checks += [(getattr(self, k) >= 1, k, ">= 1") for k in
+                   ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps')]
+        checks += [(getattr(self, k) >= 0, k, ">= 0") for k in ('max_iters', 'warmup_iters', 'lr_decay_iters')]
+        for ok, key, need in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
-        need(self.init_from in ('scratch', 'resume'), 'init_from', "must be 'scratch' or 'resume'")
-        need(self.dtype in ('auto', 'float32', 'bfloat16', 'float16'), 'dtype',
-             "must be one of auto, float32, bfloat16, float16")
-        need(self.device == 'auto' or self.device.split(':')[0] in ('cpu', 'cuda', 'mps'), 'device',
-             "must be auto, cpu, cuda, cuda:N or mps")
-        for name in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps'):
-            need(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ('max_iters', 'warmup_iters', 'lr_decay_iters'):
-            need(getattr(self, name) >= 0, name, "must be >= 0")
-        need(self.learning_rate > 0, 'learning_rate', "must be > 0")
-        need(self.grad_clip >= 0, 'grad_clip', "must be >= 0 (0 disables clipping)")
+                raise SystemExit(f"train.py: {key}={getattr(self, key)!r} must be {need}")
 
-
-# The model this script trains by default (any ModelConfig key can be overridden), sized for a
-# 2-core CPU: 1500 iterations of 16x64 tokens took 14.8 min wall (777 s of CPU time, one thread,
-# on a machine shared with other jobs) and reached val loss 1.58 on shakespeare_char.
-MODEL_DEFAULTS = dict(mixer='fm_sparse', n_layer=4, n_embd=128, block_size=64, n_slots=64, top_k=8,
-                      dropout=0.0)
 
 # Keys a resumed run takes from this run's command line rather than from the checkpoint.
-RUNTIME_KEYS = ('init_from', 'out_dir', 'device', 'dtype', 'compile')
+RUNTIME_KEYS = ('init_from', 'out_dir', 'device', 'dtype', 'compile', 'peak_flops')
 # Model keys that can change on resume (they change how, not what, the model computes).
 RESUME_MODEL_OVERRIDES = ('dropout', 'scan', 'chunk_size')
+# Dense bf16 peak FLOP/s per GPU, for MFU when --peak_flops is not given.
+PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
 
 
-# -----------------------------------------------------------------------------
-# Data
-
-
-def dataset_dir(cfg):
-    return os.path.join(cfg.data_dir, cfg.dataset)
-
-
-def prepare_command(cfg):
-    cmd = f"python {os.path.relpath(os.path.join(REPO_DIR, 'data', cfg.dataset, 'prepare.py'))}"
-    default_dir = os.path.join(REPO_DIR, 'data', cfg.dataset)
-    if os.path.abspath(dataset_dir(cfg)) != default_dir:
-        cmd += f" --out_dir {dataset_dir(cfg)}"
-    return cmd
-
-
-def ensure_dataset(cfg):
+def ensure_dataset(data_dir, dataset):
     """Exit with the prepare command to run if the dataset is missing; shakespeare_char is prepared here."""
-    d = dataset_dir(cfg)
-    if all(os.path.exists(os.path.join(d, f)) for f in ('train.bin', 'val.bin')):
+    d = os.path.join(data_dir, dataset)
+    if os.path.exists(os.path.join(d, 'train.bin')) and os.path.exists(os.path.join(d, 'val.bin')):
         return
-    script = os.path.join(REPO_DIR, 'data', cfg.dataset, 'prepare.py')
+    script = os.path.join(REPO_DIR, 'data', dataset, 'prepare.py')
+    cmd = f"python {os.path.relpath(script)}" + \
+        ('' if os.path.abspath(d) == os.path.dirname(script) else f" --out_dir {d}")
     if not os.path.isfile(script):
         known = sorted(n for n in os.listdir(os.path.join(REPO_DIR, 'data'))
                        if os.path.isfile(os.path.join(REPO_DIR, 'data', n, 'prepare.py')))
-        raise SystemExit(f"dataset '{cfg.dataset}' not found: no {d}/train.bin and no data/{cfg.dataset}/prepare.py "
+        raise SystemExit(f"dataset '{dataset}' not found: no {d}/train.bin and no data/{dataset}/prepare.py "
                          f"(datasets with a prepare script: {', '.join(known)})")
-    if cfg.dataset != 'shakespeare_char':
-        raise SystemExit(f"dataset '{cfg.dataset}' is not prepared ({d}/train.bin is missing); run: {prepare_command(cfg)}")
-    print(f"dataset '{cfg.dataset}' is not prepared; running: {prepare_command(cfg)}", flush=True)
-    rc = subprocess.call([sys.executable, script, '--out_dir', d])
-    if rc != 0:
-        raise SystemExit(rc)
-
-
-def load_meta(cfg):
-    """The dataset's meta.pkl (vocab_size, tokenizer, itos for characters); GPT-2 BPE if there is none."""
-    path = os.path.join(dataset_dir(cfg), 'meta.pkl')
-    if not os.path.exists(path):
-        return {'vocab_size': 50257, 'tokenizer': 'gpt2'}
-    with open(path, 'rb') as f:
-        meta = pickle.load(f)
-    meta.setdefault('tokenizer', 'char' if 'itos' in meta else 'gpt2')
-    return meta
+    if dataset != 'shakespeare_char':
+        raise SystemExit(f"dataset '{dataset}' is not prepared ({d}/train.bin is missing); run: {cmd}")
+    print(f"dataset '{dataset}' is not prepared; running: {cmd}", flush=True)
+    if subprocess.call([sys.executable, script, '--out_dir', d]) != 0:
+        raise SystemExit(1)
 
 
 def mix_seed(*xs):
@@ -152,15 +116,11 @@ def get_batch(path, block_size, batch_size, gen, device):
     """batch_size random windows of block_size+1 tokens from the uint16 file at path, drawn with gen."""
     data = np.memmap(path, dtype=np.uint16, mode='r')   # re-opened each call: memmaps leak otherwise
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist()
-    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))   # (B, T)
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
     if device.type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
-
-
-# -----------------------------------------------------------------------------
-# Training
 
 
 def get_lr(it, cfg):
@@ -175,254 +135,255 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = TrainConfig()
-    explicit = parse_config(cfg, argv, extra=ModelConfig(**MODEL_DEFAULTS), prog='train.py')   # (vocab_size comes from the dataset)
-    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_args = {**MODEL_DEFAULTS, **{k: v for k, v in explicit.items() if k in model_keys}}
+# -----------------------------------------------------------------------------
+# config: TrainConfig and ModelConfig defaults, then config files and --key=value
 
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}")
+cfg = TrainConfig()
+explicit = parse_config(cfg, sys.argv[1:], extra=ModelConfig, prog='train.py')
+model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+model_args = {k: v for k, v in explicit.items() if k in model_keys}
+cfg.validate()
 
-    # --- processes and devices ---
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank = int(os.environ.get('RANK', 0))
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    master = rank == 0
-    device = resolve_device(cfg.device, local_rank)
-    if ddp and device.type == 'cuda':
+# -----------------------------------------------------------------------------
+# processes and devices: one per GPU (or several on CPU) under torchrun
+
+ddp = int(os.environ.get('RANK', -1)) != -1
+rank = int(os.environ.get('RANK', 0))
+local_rank = int(os.environ.get('LOCAL_RANK', 0))
+world = int(os.environ.get('WORLD_SIZE', 1))
+master = rank == 0
+device = resolve_device(cfg.device, local_rank)
+if ddp:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if device.type == 'cuda':
         device = torch.device('cuda', local_rank)   # one GPU per process, whatever index was given
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cpu':   # share the cores among the processes on this node
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', world))))
+
+
+def log(msg):
+    if master:
+        print(msg, flush=True)
+
+
+def stop(msg):
+    """Every rank sees the same (all-reduced) losses, so every rank stops here together."""
     if ddp:
-        import torch.distributed as dist
-        backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-        if device.type == 'cpu':   # share the cores among the processes on this node
-            local_world = int(os.environ.get('LOCAL_WORLD_SIZE', world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.destroy_process_group()
+    last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+    raise SystemExit(f"train.py: {msg}; stopping ({last})" if master else 1)
+
+
+# -----------------------------------------------------------------------------
+# resume: the checkpoint supplies the model and every key not given on this command line
+
+ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+ckpt = None
+if cfg.init_from == 'resume':
+    ckpt = load_checkpoint(ckpt_path)
+    for k, v in ckpt['config'].items():
+        if hasattr(cfg, k) and k not in explicit and k not in RUNTIME_KEYS:
+            setattr(cfg, k, v)
+    ignored = [k for k in model_args if k not in RESUME_MODEL_OVERRIDES and model_args[k] != ckpt['model_args'].get(k)]
+    if ignored:
+        log(f"note: resuming keeps the checkpoint's model; ignoring {', '.join(f'--{k}={model_args[k]}' for k in ignored)}")
+    model_args = {**ckpt['model_args'], **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES if k in model_args}}
+    cfg.validate()
+try:   # check the model's keys before any data work, and fill in the defaults
+    model_args = dataclasses.asdict(ModelConfig(**model_args))
+except (TypeError, ValueError) as e:
+    raise SystemExit(f"train.py: {'the checkpoint model config: ' if ckpt else ''}{first_line(e)}")
+
+# -----------------------------------------------------------------------------
+# data: data_dir/dataset/{train,val}.bin, uint16 tokens, and meta.pkl
+
+if master:
+    ensure_dataset(cfg.data_dir, cfg.dataset)
+if ddp:
+    dist.barrier()
+ensure_dataset(cfg.data_dir, cfg.dataset)   # the other ranks only check
+data = os.path.join(cfg.data_dir, cfg.dataset)
+meta = {'vocab_size': 50257, 'tokenizer': 'gpt2'}   # a dataset without meta.pkl is GPT-2 BPE
+if os.path.exists(os.path.join(data, 'meta.pkl')):
+    with open(os.path.join(data, 'meta.pkl'), 'rb') as f:
+        meta = pickle.load(f)
+    meta.setdefault('tokenizer', 'char' if 'itos' in meta else 'gpt2')
+if ckpt is None and 'vocab_size' not in explicit:
+    model_args['vocab_size'] = meta['vocab_size'] if meta['tokenizer'] == 'char' else 50304   # 50257 padded to 64
+if model_args['vocab_size'] < meta['vocab_size']:
+    raise SystemExit(f"train.py: vocab_size={model_args['vocab_size']} is smaller than the dataset's "
+                     f"vocabulary ({meta['vocab_size']})")
+block_size = model_args['block_size']
+splits = {s: os.path.join(data, f'{s}.bin') for s in ('train', 'val')}
+for path in splits.values():
+    if os.path.getsize(path) // 2 <= block_size:
+        raise SystemExit(f"train.py: {path} holds {os.path.getsize(path) // 2} tokens, fewer than "
+                         f"block_size+1={block_size + 1}; use a smaller block_size or a longer text")
+
+# -----------------------------------------------------------------------------
+# model and optimizer, from scratch or from the checkpoint
+
+torch.manual_seed(cfg.seed)   # the same initial weights on every rank
+dtype = resolve_dtype(cfg.dtype, device)
+ctx = autocast_context(device, dtype)
+scaler = torch.amp.GradScaler(device.type, enabled=(dtype == 'float16'))
+iter_num, best_val_loss, tokens_seen = 0, float('inf'), 0
+if ckpt is None:
+    model = LM(ModelConfig(**model_args)).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+else:
+    model = model_from_checkpoint(ckpt, device, **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES})
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     try:
-        _train(cfg, explicit, model_args, model_keys, device, ddp, rank, world, master)
-    finally:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise SystemExit(f"train.py: the checkpoint's optimizer state does not fit the model: {first_line(e)}")
+    if 'scaler' in ckpt and scaler.is_enabled():
+        scaler.load_state_dict(ckpt['scaler'])
+    iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt.get('best_val_loss', float('inf')))
+    tokens_seen = train_tokens(ckpt)
+    rng = ckpt.get('rng', {})
+    if master and 'torch' in rng:   # every step reseeds from (seed, iter, rank) anyway; see the loop
+        torch.set_rng_state(rng['torch'])
+        if device.type == 'cuda' and rng.get('cuda'):
+            torch.cuda.set_rng_state_all(rng['cuda'])
+    ckpt = None   # free memory
+if model.config.scan == 'triton' and not triton_runs_on(device):
+    raise SystemExit(f"train.py: scan='triton' needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU "
+                     f"interpreter); on {device.type} use --scan=auto or --scan=chunked")
+raw_model = model
+if cfg.compile:
+    model = torch.compile(model)
+train_model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else model
+
+tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * block_size
+flops_per_token = getattr(raw_model, 'flops_per_token', None)
+peak = cfg.peak_flops
+if not peak and device.type == 'cuda' and dtype in ('bfloat16', 'float16'):
+    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), 0.0)
+ckpt_meta = {'dataset': cfg.dataset, 'tokenizer': meta['tokenizer']}
+if meta['tokenizer'] == 'char':
+    ckpt_meta['itos'] = [meta['itos'][i] for i in range(len(meta['itos']))]
+log_path = os.path.join(cfg.out_dir, 'log.jsonl')
+start_iter = iter_num
+if master:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if start_iter == 0:
+        open(log_path, 'w').close()   # a fresh run starts a fresh log; a resumed one appends
+log(f"{'resuming at iter ' + str(start_iter) if start_iter else 'training from scratch'}: "
+    f"{model_args['mixer']} {model_args['n_layer']}x{model_args['n_embd']}, {raw_model.get_num_params() / 1e6:.2f}M "
+    f"params, {cfg.dataset} (vocab {model_args['vocab_size']}), device {device}, {dtype}, {world} process(es), "
+    f"{tokens_per_iter:,} tokens/iter, max_iters {cfg.max_iters}")
+
+
+def write_log(record):
+    if master:
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over the same eval_iters batches per split at every evaluation, spread over the ranks."""
+    model.eval()
+    out = {}
+    for s, (split, path) in enumerate(splits.items()):
+        total = torch.zeros(2, device=device, dtype=torch.float64)   # (loss sum, batches)
+        for k in range(rank, cfg.eval_iters, world):
+            gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 1, s, k))
+            X, Y = get_batch(path, block_size, cfg.batch_size, gen, device)
+            with ctx:
+                _, loss = model(X, Y)
+            total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
         if ddp:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
 
 
-def _train(cfg, explicit, model_args, model_keys, device, ddp, rank, world, master):
+# -----------------------------------------------------------------------------
+# the training loop
+
+t_start = time.time()
+step_time, step_count = 0.0, 0
+last_val = None
+while True:
+    # evaluate and checkpoint (not again at the iteration a resumed run starts from)
+    if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (start_iter and iter_num == start_iter):
+        losses = estimate_loss()
+        last_val = losses['val']
+        log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        write_log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
+                   'time_s': round(time.time() - t_start, 3)})
+        if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+            stop(f"the evaluation loss is not finite at iter {iter_num}")
+        if losses['val'] < best_val_loss or cfg.always_save_checkpoint:
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0 and master:
+                rng = {'torch': torch.get_rng_state()}
+                if device.type == 'cuda':
+                    rng['cuda'] = torch.cuda.get_rng_state_all()
+                ckpt = {'format': CKPT_FORMAT, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                        'model_args': dataclasses.asdict(raw_model.config), 'config': dataclasses.asdict(cfg),
+                        'iter_num': iter_num, 'best_val_loss': best_val_loss, 'world_size': world,
+                        'train_tokens': tokens_seen, 'rng': rng, 'meta': ckpt_meta}
+                if scaler.is_enabled():
+                    ckpt['scaler'] = scaler.state_dict()
+                save_checkpoint(ckpt, ckpt_path)
+                ckpt = None
+    if iter_num >= cfg.max_iters:
+        break
+
+    # one optimizer step; its randomness depends only on (seed, iter_num, rank)
+    t0 = time.time()
+    lr = get_lr(iter_num, cfg)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    torch.manual_seed(mix_seed(cfg.seed, 0, iter_num, rank, 0))                     # dropout
+    gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 0, iter_num, rank, 1))   # batches
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(cfg.gradient_accumulation_steps):
+        X, Y = get_batch(splits['train'], block_size, cfg.batch_size, gen, device)
+        sync = micro_step == cfg.gradient_accumulation_steps - 1   # DDP all-reduces the gradients only here
+        with (train_model.no_sync() if ddp and not sync else nullcontext()), ctx:
+            _, loss = train_model(X, Y)
+            loss = loss / cfg.gradient_accumulation_steps
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
     if ddp:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        dist.all_reduce(loss_sum)
+        loss_sum /= world
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
+    loss_val, grad_norm = loss_sum.item(), grad_norm.item()
+    if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
+        stop(f"the loss is {loss_val} (gradient norm {grad_norm}) at iter {iter_num}, not finite")
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    step_time += time.time() - t0
+    step_count += 1
+    tokens_seen += tokens_per_iter
 
-    def log(msg):
-        if master:
-            print(msg, flush=True)
+    if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters - 1:
+        ms = 1000 * step_time / step_count
+        tps = tokens_per_iter * step_count / step_time
+        record = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'grad_norm': grad_norm,
+                  'ms_per_iter': round(ms, 3), 'tokens_per_s': round(tps, 1)}
+        line = f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.2e}, {ms:.1f} ms/iter, {tps:,.0f} tokens/s"
+        if peak and flops_per_token:   # model FLOPs utilization: achieved / peak, over all devices
+            record['mfu'] = round(flops_per_token(block_size) * tps / (peak * world), 5)
+            line += f", mfu {100 * record['mfu']:.1f}%"
+        log(line)
+        write_log(record)
+        step_time, step_count = 0.0, 0
+    iter_num += 1
 
-    # --- resume: the checkpoint supplies the model and every key not given on this command line ---
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    ckpt = None
-    if cfg.init_from == 'resume':
-        ckpt = load_checkpoint(ckpt_path, map_location='cpu')
-        for k, v in ckpt['config'].items():
-            if k in {f.name for f in dataclasses.fields(TrainConfig)} and k not in explicit and k not in RUNTIME_KEYS:
-                setattr(cfg, k, v)
-        ignored = [k for k in explicit if k in model_keys and k not in RESUME_MODEL_OVERRIDES
-                   and explicit[k] != ckpt['model_args'].get(k)]
-        if ignored:
-            log(f"note: resuming keeps the checkpoint's model; ignoring "
-                f"{', '.join(f'--{k}={explicit[k]}' for k in ignored)}")
-        model_args = {**ckpt['model_args'],
-                      **{k: explicit[k] for k in RESUME_MODEL_OVERRIDES if k in explicit}}
-    try:
-        cfg.validate()
-        # check the model's keys before any data work, and fill in any the checkpoint lacks
-        model_args = dataclasses.asdict(ModelConfig(**model_args))
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"train.py: {'the checkpoint model config: ' if ckpt else ''}{_first_line(e)}")
-
-    # --- data ---
-    if master:
-        ensure_dataset(cfg)
-    if ddp:
-        dist.barrier()
-    ensure_dataset(cfg)   # the other ranks only check
-    meta = load_meta(cfg)
-    if ckpt is None:
-        vocab = meta['vocab_size'] if meta['tokenizer'] == 'char' else 50304   # GPT-2's 50257, padded to 64
-        if 'vocab_size' in explicit and explicit['vocab_size'] < meta['vocab_size']:
-            raise SystemExit(f"train.py: vocab_size={explicit['vocab_size']} is smaller than the dataset's "
-                             f"vocabulary ({meta['vocab_size']})")
-        model_args['vocab_size'] = explicit.get('vocab_size', vocab)
-    train_bin = os.path.join(dataset_dir(cfg), 'train.bin')
-    val_bin = os.path.join(dataset_dir(cfg), 'val.bin')
-    block_size = model_args['block_size']
-    for p in (train_bin, val_bin):
-        n = os.path.getsize(p) // 2   # uint16 tokens
-        if n <= block_size:
-            raise SystemExit(f"train.py: {p} holds {n} tokens, fewer than block_size+1={block_size + 1}; "
-                             f"use a smaller block_size or a longer text, and rerun {prepare_command(cfg)}")
-
-    # --- model and optimizer ---
-    torch.manual_seed(cfg.seed)   # the same initial weights on every rank
-    if ckpt is not None:
-        model = model_from_checkpoint(ckpt, device, **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES})
-    else:
-        try:
-            model = LM(ModelConfig(**model_args)).to(device)
-        except ValueError as e:
-            raise SystemExit(f"train.py: {e}")
-    if model.config.scan == 'triton' and not triton_runs_on(device):
-        raise SystemExit(f"train.py: scan='triton' needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU "
-                         f"interpreter); on {device.type} use --scan=auto or --scan=chunked")
-    raw_model = model
-    dtype = resolve_dtype(cfg.dtype, device)
-    ctx = autocast_context(device, dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == 'float16'))
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-    iter_num, best_val_loss = 0, float('inf')
-    if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt['optimizer'])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise SystemExit(f"train.py: the checkpoint's optimizer state does not fit the model: {_first_line(e)}")
-        if 'scaler' in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt['scaler'])
-        iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt.get('best_val_loss', float('inf')))
-        rng = ckpt.get('rng', {})
-        if master and 'torch' in rng:   # every step reseeds from (seed, iter, rank) anyway; see below
-            torch.set_rng_state(rng['torch'])
-            if device.type == 'cuda' and rng.get('cuda'):
-                torch.cuda.set_rng_state_all(rng['cuda'])
-        ckpt = None   # free memory
-    start_iter = iter_num
-    fwd_model = torch.compile(raw_model) if cfg.compile else raw_model
-    train_model = DDP(fwd_model, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else fwd_model
-
-    tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * block_size
-    ckpt_meta = {'dataset': cfg.dataset, 'tokenizer': meta['tokenizer']}
-    if meta['tokenizer'] == 'char':
-        ckpt_meta['itos'] = [meta['itos'][i] for i in range(len(meta['itos']))]
-    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if start_iter == 0:
-            open(log_path, 'w').close()   # a fresh run starts a fresh log; a resumed one appends
-        n_params = raw_model.get_num_params()
-        log(f"{'resuming at iter ' + str(start_iter) if start_iter else 'training from scratch'}: "
-            f"{model_args['mixer']} {model_args['n_layer']}x{model_args['n_embd']}, {n_params / 1e6:.2f}M params, "
-            f"{cfg.dataset} (vocab {model_args['vocab_size']}), device {device}, {dtype}, "
-            f"{world} process(es), {tokens_per_iter:,} tokens/iter, max_iters {cfg.max_iters}")
-
-    def write_log(record):
-        if master:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over the same eval_iters batches per split at every evaluation, spread over the ranks."""
-        fwd_model.eval()
-        out = {}
-        for s, (split, path) in enumerate((('train', train_bin), ('val', val_bin))):
-            total = torch.zeros(2, device=device, dtype=torch.float64)
-            for k in range(rank, cfg.eval_iters, world):
-                gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 1, s, k))
-                X, Y = get_batch(path, block_size, cfg.batch_size, gen, device)
-                with ctx:
-                    _, loss = fwd_model(X, Y)
-                total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
-            if ddp:
-                dist.all_reduce(total)
-            out[split] = (total[0] / total[1]).item()
-        fwd_model.train()
-        return out
-
-    def stop(msg):
-        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-        if master:
-            raise SystemExit(f"train.py: {msg}; stopping ({last})")
-        raise SystemExit(1)
-
-    t_start = time.time()
-    step_time, step_count = 0.0, 0
-    last_val = None
-    while True:
-        # --- evaluate and checkpoint (not again at the iteration a resumed run starts from) ---
-        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (start_iter and iter_num == start_iter):
-            losses = estimate_loss()
-            last_val = losses['val']
-            log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            write_log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
-                       'time_s': round(time.time() - t_start, 3)})
-            if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
-                stop(f"the evaluation loss is not finite at iter {iter_num}")
-            if losses['val'] < best_val_loss or cfg.always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses['val'])
-                if iter_num > 0 and master:
-                    rng = {'torch': torch.get_rng_state()}
-                    if device.type == 'cuda':
-                        rng['cuda'] = torch.cuda.get_rng_state_all()
-                    ckpt = {'format': CKPT_FORMAT, 'model': raw_model.state_dict(),
-                            'optimizer': optimizer.state_dict(), 'model_args': dataclasses.asdict(raw_model.config),
-                            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': dataclasses.asdict(cfg),
-                            'rng': rng, 'meta': ckpt_meta}
-                    if scaler.is_enabled():
-                        ckpt['scaler'] = scaler.state_dict()
-                    save_checkpoint(ckpt, ckpt_path)
-                    ckpt = None
-        if iter_num >= cfg.max_iters:
-            break
-
-        # --- one optimizer step; its randomness depends only on (seed, iter_num, rank) ---
-        t0 = time.time()
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        torch.manual_seed(mix_seed(cfg.seed, 0, iter_num, rank, 0))       # dropout
-        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 0, iter_num, rank, 1))   # batches
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(cfg.gradient_accumulation_steps):
-            X, Y = get_batch(train_bin, block_size, cfg.batch_size, gen, device)
-            sync = micro_step == cfg.gradient_accumulation_steps - 1
-            with (train_model.no_sync() if ddp and not sync else nullcontext()), ctx:
-                _, loss = train_model(X, Y)
-                loss = loss / cfg.gradient_accumulation_steps
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-        if ddp:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
-        loss_val, grad_norm = loss_sum.item(), grad_norm.item()
-        if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
-            stop(f"the loss is {loss_val} (gradient norm {grad_norm}) at iter {iter_num}, not finite")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step_time += time.time() - t0
-        step_count += 1
-
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters - 1:
-            ms = 1000 * step_time / step_count
-            tps = tokens_per_iter * step_count / step_time
-            log(f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.2e}, {ms:.1f} ms/iter, {tps:,.0f} tokens/s")
-            write_log({'iter': iter_num, 'loss': loss_val, 'lr': lr, 'grad_norm': grad_norm,
-                       'ms_per_iter': round(ms, 3), 'tokens_per_s': round(tps, 1)})
-            step_time, step_count = 0.0, 0
-        iter_num += 1
-
-    if master:
-        ran = iter_num - start_iter
-        log(f"done: {ran} iterations in {time.time() - t_start:.1f} s; final val loss "
-            f"{last_val if last_val is None else f'{last_val:.4f}'}; best val loss {best_val_loss:.4f}; "
-            f"checkpoint {ckpt_path}")
-
-
-if __name__ == '__main__':
-    main()
+log(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; final val loss "
+    f"{last_val if last_val is None else f'{last_val:.4f}'}; best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}")
+if ddp:
+    dist.destroy_process_group()

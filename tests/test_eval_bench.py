@@ -35,15 +35,15 @@ def make_dataset(root):
     return str(root / 'data')
 
 
-def make_checkpoint(out_dir, mixer, data_dir):
-    """A checkpoint in train.py's format, with random weights."""
+def make_checkpoint(out_dir, mixer, data_dir, world_size=1):
+    """A checkpoint in train.py's format, with random weights (and no train_tokens, as older ones)."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=VOCAB, block_size=32, n_layer=1, n_embd=64, n_head=2, mixer=mixer,
                          head_dim=32, n_slots=16, top_k=4, chunk_size=16)
     model = LM(config)
     os.makedirs(out_dir)
     torch.save({'format': CKPT_FORMAT, 'model': model.state_dict(), 'model_args': asdict(config),
-                'iter_num': 3, 'best_val_loss': 2.8,
+                'iter_num': 3, 'best_val_loss': 2.8, 'world_size': world_size,
                 'config': {'dataset': 'tiny', 'data_dir': data_dir, 'batch_size': 2,
                            'gradient_accumulation_steps': 1, 'max_iters': 3}},
                os.path.join(out_dir, 'ckpt.pt'))
@@ -52,7 +52,7 @@ def make_checkpoint(out_dir, mixer, data_dir):
 
 def test_eval_smoke(tmp_path):
     data_dir = make_dataset(tmp_path)
-    runs = [make_checkpoint(str(tmp_path / m), m, data_dir) for m in ('fm_sparse', 'attention')]
+    runs = [make_checkpoint(str(tmp_path / m), m, data_dir, world_size=w) for m, w in (('fm_sparse', 1), ('attention', 2))]
     res = tmp_path / 'res'
     fm_eval.main([f'--out_dirs={",".join(runs)}', '--lengths=1,2', '--eval_tokens=256', '--threads=1',
                   f'--table={res / "eval.md"}', f'--plot={res / "eval.png"}', f'--json={res / "eval.json"}'])
@@ -64,6 +64,7 @@ def test_eval_smoke(tmp_path):
     assert any('| fm_sparse |' in r for r in rows) and any('| attention |' in r for r in rows)
     out = json.loads((res / 'eval.json').read_text())['results']
     assert [r['mixer'] for r in out] == ['fm_sparse', 'attention']
+    assert [r['train_tokens'] for r in out] == [3 * 2 * 32, 3 * 2 * 32 * 2]   # iters x batch x block x processes
     for r in out:
         assert [l['length'] for l in r['lengths']] == [32, 64]
         for l in r['lengths']:

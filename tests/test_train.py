@@ -1,38 +1,38 @@
 """
-train.py, sample.py and the data prepare scripts, end to end on CPU with tiny models.
+train.py, sample.py, reproduce.py and the data prepare scripts, end to end on CPU with tiny models.
 
-The text comes from the shared data directory: $FM_SHARED_DIR, else `shared/` beside the
-repository root (CI clones the repo next to it). Datasets are prepared into a temporary
-directory (train.py's --data_dir), so the repo's data/ is never touched.
+The text is generated here (play-like lines from a small vocabulary of words), so the tests need
+nothing beside the repository. Datasets are prepared into a temporary directory (train.py's
+--data_dir), so the repo's data/ is never touched. train.py is a script: the tests run it in a
+subprocess, or in this process with runpy where they patch the model.
 """
 import hashlib
 import json
 import os
 import pickle
+import random
+import runpy
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get('FM_SHARED_DIR', REPO.parent / 'shared'))
-TEXT = SHARED / 'data' / 'tinyshakespeare.txt'
-TIKTOKEN_CACHE = SHARED / 'tiktoken'
-
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
-import train  # noqa: E402
+import model  # noqa: E402
 from model import ModelConfig  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not TEXT.exists(), reason=f"no {TEXT} (set FM_SHARED_DIR)")
 
 TINY = ['--dataset=shakespeare_char', '--mixer=fm_sparse', '--n_layer=2', '--n_embd=64', '--block_size=64',
         '--batch_size=4', '--eval_interval=10', '--eval_iters=2', '--device=cpu', '--compile=False',
-        '--log_interval=1', '--learning_rate=1e-2', '--warmup_iters=5', '--lr_decay_iters=30', '--min_lr=1e-3']
+        '--log_interval=1', '--learning_rate=1e-2', '--warmup_iters=5', '--lr_decay_iters=30', '--min_lr=1e-3',
+        '--peak_flops=1e12']
 
 
 def run(*args, env=None, check=True, timeout=240):
@@ -59,14 +59,42 @@ def read_log(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
 
 
+def train_in_process(monkeypatch, *argv):
+    """Run train.py in this process (so that a test can patch model.LM); returns its globals."""
+    monkeypatch.setattr(sys, 'argv', ['train.py', *map(str, argv)])
+    return runpy.run_path(str(REPO / 'train.py'), run_name='__main__')
+
+
+WORDS = ('the and to of my a i that in is not with you it for be his this your he but have as thou so '
+         'what will me by thy him all do no shall if are our we good now lord o come they love here more '
+         'there she would let sir then how well hath king man death night heart blood may upon eyes day').split()
+NAMES = ('ROMEO', 'JULIET', 'FIRST CITIZEN', 'MENENIUS', 'KING RICHARD III', 'QUEEN ELIZABETH', 'NURSE')
+
+
+def play_text(n_chars, seed=0):
+    """A play-like text: speaker lines followed by verse made of common words."""
+    rng = random.Random(seed)
+    out, n = [], 0
+    while n < n_chars:
+        lines = [' '.join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + rng.choice(',.;!?')
+                 for _ in range(rng.randint(1, 4))]
+        block = f"{rng.choice(NAMES)}:\n" + '\n'.join(lines) + '\n\n'
+        out.append(block)
+        n += len(block)
+    return ''.join(out)[:n_chars]
+
+
+TEXT_CHARS = 40_000
+
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    """shakespeare_char prepared from the first 200k characters of the shared text."""
+    """shakespeare_char prepared from a generated text of TEXT_CHARS characters."""
     d = tmp_path_factory.mktemp('data')
-    src = d / 'slice.txt'
-    src.write_text(TEXT.read_text(encoding='utf-8')[:200_000], encoding='utf-8')
+    src = d / 'play.txt'
+    src.write_text(play_text(TEXT_CHARS), encoding='utf-8')
     p = run('data/shakespeare_char/prepare.py', '--input', src, '--out_dir', d / 'shakespeare_char')
-    assert 'train.bin 180,000 tokens, val.bin 20,000 tokens' in p.stdout, p.stdout
+    assert f'train.bin {TEXT_CHARS * 9 // 10:,} tokens, val.bin {TEXT_CHARS // 10:,} tokens' in p.stdout, p.stdout
     return d
 
 
@@ -74,11 +102,11 @@ def data_dir(tmp_path_factory):
 def runs(data_dir, tmp_path_factory):
     """A 30-iteration run, and a 20-iteration run resumed to 30, with the same settings."""
     full, part = tmp_path_factory.mktemp('full'), tmp_path_factory.mktemp('part')
-    common = [*TINY, f'--data_dir={data_dir}']
-    run('train.py', *common, '--max_iters=30', f'--out_dir={full}')
-    run('train.py', *common, '--max_iters=20', f'--out_dir={part}')
+    args = [*TINY, f'--data_dir={data_dir}']
+    run('train.py', *args, '--max_iters=30', f'--out_dir={full}')
+    run('train.py', *args, '--max_iters=20', f'--out_dir={part}')
     ckpt20 = torch.load(part / 'ckpt.pt', weights_only=True)
-    p = run('train.py', *common, '--max_iters=30', f'--out_dir={part}', '--init_from=resume')
+    p = run('train.py', *args, '--max_iters=30', f'--out_dir={part}', '--init_from=resume')
     return {'full': full, 'part': part, 'ckpt20': ckpt20, 'resume_stdout': p.stdout}
 
 
@@ -88,7 +116,7 @@ def runs(data_dir, tmp_path_factory):
 def test_prepare_char(data_dir):
     d = data_dir / 'shakespeare_char'
     meta = pickle.loads((d / 'meta.pkl').read_bytes())
-    text = (data_dir / 'slice.txt').read_text(encoding='utf-8')
+    text = (data_dir / 'play.txt').read_text(encoding='utf-8')
     assert meta['vocab_size'] == len(set(text)) == len(meta['itos'])
     train_ids = np.fromfile(d / 'train.bin', dtype=np.uint16)
     val_ids = np.fromfile(d / 'val.bin', dtype=np.uint16)
@@ -103,13 +131,16 @@ def test_prepare_refuses_empty_split(tmp_path):
     assert not (tmp_path / 'out' / 'train.bin').exists()
 
 
-@pytest.mark.skipif(not TIKTOKEN_CACHE.exists(), reason='no tiktoken cache')
+TIKTOKEN_CACHE = os.environ.get('TIKTOKEN_CACHE_DIR', '')
+
+
+@pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE), reason='the GPT-2 BPE ranks are a download: set '
+                    'TIKTOKEN_CACHE_DIR to a tiktoken cache to test data/shakespeare/prepare.py offline')
 def test_prepare_bpe(tmp_path):
-    src = tmp_path / 'slice.txt'
-    src.write_text(TEXT.read_text(encoding='utf-8')[:20_000], encoding='utf-8')
-    run('data/shakespeare/prepare.py', '--input', src, '--out_dir', tmp_path, env={'TIKTOKEN_CACHE_DIR': str(TIKTOKEN_CACHE)})
+    src = tmp_path / 'play.txt'
+    src.write_text(play_text(5000), encoding='utf-8')
+    run('data/shakespeare/prepare.py', '--input', src, '--out_dir', tmp_path)
     import tiktoken
-    os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(TIKTOKEN_CACHE))
     enc = tiktoken.get_encoding('r50k_base')
     ids = np.concatenate([np.fromfile(tmp_path / f'{s}.bin', dtype=np.uint16) for s in ('train', 'val')])
     assert enc.decode(ids.tolist()) == src.read_text(encoding='utf-8')
@@ -119,8 +150,17 @@ def test_prepare_bpe(tmp_path):
 # --- configuration -------------------------------------------------------------------------
 
 
+@dataclass
+class Cfg:   # a config of each field type
+    out_dir: str = 'out'
+    max_iters: int = 10
+    learning_rate: float = 1e-3
+    compile: bool = False
+    top_p: Optional[float] = None
+
+
 def test_parse_config_types_and_files(tmp_path):
-    cfg = train.TrainConfig()
+    cfg = Cfg()
     f = tmp_path / 'c.py'
     f.write_text("# a comment\nmax_iters = 7\nlearning_rate = 1  # an int is a valid float\nn_slots = 32\n")
     got = common.parse_config(cfg, [str(f), '--max_iters=9', '--compile=True', '--dropout=0.1', '--out_dir=1,2'],
@@ -135,11 +175,11 @@ def test_config_file_is_flat_assignments(tmp_path):
     f = tmp_path / 'c.py'
     f.write_text("max_iters = 7\nexec(open('other.py').read())\n")
     with pytest.raises(SystemExit) as e:
-        common.parse_config(train.TrainConfig(), [str(f)])
+        common.parse_config(Cfg(), [str(f)])
     assert 'c.py:2' in str(e.value.code) and 'key = literal' in str(e.value.code)
     f.write_text("learning_rate = 'fast'\n")
     with pytest.raises(SystemExit) as e:
-        common.parse_config(train.TrainConfig(), [str(f)])
+        common.parse_config(Cfg(), [str(f)])
     assert "learning_rate = 'fast' in config file" in str(e.value.code) and 'not a valid float' in str(e.value.code)
 
 
@@ -152,7 +192,7 @@ def test_config_file_is_flat_assignments(tmp_path):
 ])
 def test_parse_config_rejects(argv, needle):
     with pytest.raises(SystemExit) as e:
-        common.parse_config(train.TrainConfig(), argv, extra=ModelConfig, prog='train.py')
+        common.parse_config(Cfg(), argv, extra=ModelConfig, prog='train.py')
     msg = str(e.value.code)
     assert needle in msg and 'valid keys:' in msg and 'learning_rate' in msg and 'n_slots' in msg
     assert '\n' not in msg
@@ -165,10 +205,16 @@ def test_bad_key_exits_with_one_line():
     assert_one_line_error(p, 'mixer')
 
 
+def test_help_lists_keys_with_the_default_run():
+    out = run('train.py', 'config/shakespeare_char_attention.py', '--help').stdout
+    for line in ('--max_iters=1500', "--mixer='attention'", '--n_layer=5', '--n_embd=128', '--peak_flops=0.0'):
+        assert line in out, line
+
+
 def test_missing_dataset_names_the_prepare_command(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        train.main(['--dataset=shakespeare', f'--data_dir={tmp_path}', '--device=cpu', f'--out_dir={tmp_path}/o'])
-    assert 'data/shakespeare/prepare.py' in str(e.value.code) and '\n' not in str(e.value.code)
+    p = run('train.py', '--dataset=shakespeare', f'--data_dir={tmp_path}', '--device=cpu', f'--out_dir={tmp_path}/o',
+            check=False)
+    assert_one_line_error(p, 'data/shakespeare/prepare.py')
 
 
 # --- training, resume, sampling ------------------------------------------------------------
@@ -180,12 +226,17 @@ def test_train_writes_log_and_checkpoint(runs):
     evals = [r for r in log if 'val_loss' in r]
     assert [r['iter'] for r in steps] == list(range(30))
     assert [r['iter'] for r in evals] == [0, 10, 20, 30]     # the resumed run does not re-evaluate iter 20
-    assert all({'lr', 'ms_per_iter', 'tokens_per_s'} <= set(r) for r in steps)
+    assert all({'lr', 'ms_per_iter', 'tokens_per_s', 'mfu'} <= set(r) for r in steps)
+    cfg = ModelConfig(mixer='fm_sparse', n_layer=2, n_embd=64, block_size=64, vocab_size=len(set(play_text(TEXT_CHARS))))
+    flops = model.LM(cfg).flops_per_token(64)
+    for r in steps:   # MFU: model FLOPs per second over the peak (--peak_flops=1e12)
+        assert r['mfu'] == pytest.approx(flops * r['tokens_per_s'] / 1e12, rel=1e-3, abs=1e-5)
     assert evals[-1]['val_loss'] < evals[0]['val_loss']
     ck = torch.load(runs['part'] / 'ckpt.pt', weights_only=True)
     assert ck['format'] == common.CKPT_FORMAT and ck['iter_num'] == 30
     assert ck['model_args']['mixer'] == 'fm_sparse' and ck['model_args']['n_embd'] == 64
     assert ck['config']['max_iters'] == 30 and 'rng' in ck and ck['meta']['tokenizer'] == 'char'
+    assert ck['world_size'] == 1 and ck['train_tokens'] == 30 * 4 * 64 == common.train_tokens(ck)
     assert runs['ckpt20']['iter_num'] == 20
     assert 'resuming at iter 20' in runs['resume_stdout']
 
@@ -231,9 +282,10 @@ def test_corrupt_or_foreign_checkpoint_is_refused(runs, data_dir, tmp_path):
         d = tmp_path / name
         d.mkdir()
         (d / 'ckpt.pt').write_bytes(blob)
-        p = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={d}', '--max_iters=40', '--init_from=resume',
-                check=False)
-        assert_one_line_error(p, 'not a readable checkpoint')
+        if name == 'truncated':   # train.py and sample.py load checkpoints with the same function
+            p = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={d}', '--max_iters=40',
+                    '--init_from=resume', check=False)
+            assert_one_line_error(p, 'not a readable checkpoint')
         p = run('sample.py', f'--out_dir={d}', '--device=cpu', check=False)
         assert_one_line_error(p, 'not a readable checkpoint')
     d = tmp_path / 'foreign'
@@ -267,7 +319,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch):
-    real_forward = train.LM.forward
+    real_forward = model.LM.forward
     calls = {'n': 0}
 
     def forward(self, idx, targets=None):
@@ -277,9 +329,9 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monk
         if calls['n'] > 18 and loss is not None:
             loss = loss * float('nan')
         return logits, loss
-    monkeypatch.setattr(train.LM, 'forward', forward)
+    monkeypatch.setattr(model.LM, 'forward', forward)
     with pytest.raises(SystemExit) as e:
-        train.main([*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=30'])
+        train_in_process(monkeypatch, *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=30')
     msg = str(e.value.code)
     assert 'not finite' in msg and 'iter 10' in msg and 'last good checkpoint' in msg and '\n' not in msg
     assert common.load_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num'] == 10
@@ -288,18 +340,12 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monk
 # --- data parallel -------------------------------------------------------------------------
 
 DIGEST_WRAPPER = """
-import hashlib, os, sys
+import hashlib, os, runpy, sys
 sys.path.insert(0, {repo!r})
-import train
-models = []
-class Recording(train.LM):
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        models.append(self)
-train.LM = Recording
-train.main(sys.argv[1:])
+sys.argv[0] = os.path.join({repo!r}, 'train.py')
+model = runpy.run_path(sys.argv[0], run_name='__main__')['raw_model']
 h = hashlib.sha256()
-for name, p in sorted(models[-1].state_dict().items()):
+for name, p in sorted(model.state_dict().items()):
     h.update(name.encode()); h.update(p.detach().cpu().contiguous().numpy().tobytes())
 with open(os.path.join({out!r}, 'digest.rank' + os.environ['RANK']), 'w') as f:
     f.write(h.hexdigest())
@@ -320,6 +366,37 @@ def test_torchrun_ddp_ranks_end_identical(data_dir, tmp_path):
         h.update(name.encode())
         h.update(t.contiguous().numpy().tobytes())
     assert h.hexdigest() == d0 and ck['iter_num'] == 6
+    assert ck['world_size'] == 2 and common.train_tokens(ck) == 6 * 2 * 4 * 64   # both processes' batches
     assert '2 process(es), 512 tokens/iter' in p.stdout   # only rank 0 logs: the line appears once
     assert p.stdout.count('training from scratch') == 1
     assert [r['iter'] for r in read_log(out) if 'loss' in r] == list(range(6))
+
+
+# --- reproduce.py --------------------------------------------------------------------------
+
+
+def test_reproduce_two_configs(data_dir, tmp_path):
+    """Two configs trained in rounds of 3 iterations to 6, evaluated at 1x and 2x; no decode bench."""
+    confs = []
+    for mixer in ('fm_sparse', 'mamba2'):
+        f = tmp_path / f'tiny_{mixer}.py'
+        f.write_text(f"mixer = '{mixer}'\nn_layer = 1\nn_embd = 64\nblock_size = 32\nbatch_size = 4\n"
+                     f"max_iters = 6\neval_interval = 3\neval_iters = 1\ndata_dir = '{data_dir}'\n")
+        confs.append(str(f))
+    res, runs_dir = tmp_path / 'res', tmp_path / 'runs'
+    p = run('reproduce.py', f'--configs={",".join(confs)}', f'--runs_dir={runs_dir}', f'--results_dir={res}',
+            '--round_iters=3', '--lengths=1,2', '--eval_args=--device=cpu --eval_tokens=256', '--decode=False',
+            '--train_args=--device=cpu')
+    assert 'every config at iteration 6 of 6' in p.stdout
+    for mixer in ('fm_sparse', 'mamba2'):
+        ck = torch.load(runs_dir / f'tiny_{mixer}' / 'ckpt.pt', weights_only=True)
+        assert ck['iter_num'] == 6 and ck['config']['lr_decay_iters'] == 6 and ck['train_tokens'] == 6 * 4 * 32
+        assert sorted(os.listdir(runs_dir / f'tiny_{mixer}')) == ['ckpt.pt', 'log.jsonl', 'train_3.log', 'train_6.log']
+    results = json.loads((res / 'eval.json').read_text())['results']
+    assert [r['mixer'] for r in results] == ['fm_sparse', 'mamba2']
+    assert all([l['length'] for l in r['lengths']] == [32, 64] and r['train_tokens'] == 768 for r in results)
+    summary = (res / 'summary.md').read_text()
+    assert 'Trained 6 of 6 iterations per config' in summary and '| tiny_mamba2 | mamba2 |' in summary
+    assert json.loads((res / 'reproduce.json').read_text())['iters'] == 6
+    p = run('reproduce.py', '--configs=config/nothing.py', check=False)
+    assert_one_line_error(p, 'no config file config/nothing.py')
