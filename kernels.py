@@ -45,6 +45,13 @@ Slots never mix in the recurrence, so each program takes a block of BM slots
 (grid axis 2): the state W (BM x P, fp32) stays in registers, and y and dx,
 which sum over slots, are partial sums added up in PyTorch.
 
+Any M and P >= 1: tl.dot wants tiles whose sides are powers of 2 >= 16, so a
+program's tile is BM slots by BP = max(16, next_pow2(P)) columns, and loads past
+M or P are masked to 0. That is exact: a slot past M has g = 0 (no decay),
+beta = 0 (nothing written) and q = 0 (nothing read), so its row of W stays 0; a
+column past P has x = dy = 0. Stores past M or P are masked off, so tensors keep
+their real shapes (no padded copies).
+
 On CPU tensors the kernels run only under the Triton interpreter
 (TRITON_INTERPRET=1 set before triton is first imported).
 """
@@ -54,7 +61,7 @@ import triton
 import triton.language as tl
 
 SUB = 16          # L, the sub-chunk: tl.dot needs every dimension >= 16
-STATE_TILE = 2048  # fp32 elements of the state W per program (BM x P): 16 registers a thread at 4 warps;
+STATE_TILE = 2048  # fp32 elements of the state W per program (BM x BP): 16 registers a thread at 4 warps;
                    # 4096 made the backward sweeps spill on sm_80 (checked with cuobjdump -res-usage)
 
 
@@ -66,94 +73,103 @@ STATE_TILE = 2048  # fp32 elements of the state W per program (BM x P): 16 regis
 
 @triton.jit
 def _chunk_state(u, G, k, states, Tp, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                 C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr):
+                 BP: tl.constexpr, C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
+                 REVERSE: tl.constexpr):
     """Stage 1, each chunk's own contribution to the state passed between chunks:
         forward  (k=beta, u=x):  dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s    (seen at the chunk's end)
         reverse  (k=q,  u=dy):   dD_c = sum_{s in c} (q_s * e^{G_s})^T dy_s            (seen at the chunk's start)
-    u (B,Tp,H,P); G, k (B,Tp,H,M); states (B,H,n,M,P) fp32 <- dS_c or dD_c. Grid (n, B*H, M/BM)."""
+    u (B,Tp,H,P); G, k (B,Tp,H,M); states (B,H,n,M,P) fp32 <- dS_c or dD_c. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), bh % H
-    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, P)
+    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
+    m_ok, p_ok = m < M, p < P
     row0 = b * Tp * H + h
-    G_C = tl.load(G + (row0 + (c * C + C - 1) * H) * M + m)
-    acc = tl.zeros([BM, P], tl.float32)
+    G_C = tl.load(G + (row0 + (c * C + C - 1) * H) * M + m, mask=m_ok, other=0.0)
+    acc = tl.zeros([BM, BP], tl.float32)
     for a in range(C // L):
         row = row0 + (c * C + a * L + l) * H
-        G_a = tl.load(G + row[:, None] * M + m[None, :])
-        k_a = tl.load(k + row[:, None] * M + m[None, :]).to(tl.float32)
-        u_a = tl.load(u + row[:, None] * P + p[None, :]).to(tl.float32)
+        G_a = tl.load(G + row[:, None] * M + m[None, :], mask=m_ok[None, :], other=0.0)
+        k_a = tl.load(k + row[:, None] * M + m[None, :], mask=m_ok[None, :], other=0.0).to(tl.float32)
+        u_a = tl.load(u + row[:, None] * P + p[None, :], mask=p_ok[None, :], other=0.0).to(tl.float32)
         if REVERSE:
             k_a = k_a * tl.exp(G_a)
         else:
             k_a = k_a * tl.exp(G_C[None, :] - G_a)
         acc += tl.dot(tl.trans(k_a), u_a, input_precision=PREC)
-    tl.store(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :], acc)
+    tl.store(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :], acc,
+             mask=m_ok[:, None] & p_ok[None, :])
 
 
 @triton.jit
 def _state_pass(states, G, S0, S_last, Tp, H, n, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                C: tl.constexpr, REVERSE: tl.constexpr):
+                BP: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr):
     """Stage 2, the recurrence across chunks, in place over `states`:
         forward:  S_in[c] = S;  S = e^{G_C[c]} * S + dS_c    for c = 0..n-1, from S = S0 (initial state)
         reverse:  E[c]    = D;  D = e^{G_C[c]} * D + dD_c    for c = n-1..0, from D = S0 (dS_final)
     states (B,H,n,M,P) fp32: dS_c (dD_c) in, S_in[c] (E[c]) out; G (B,Tp,H,M);
-    S0 in, S_last out (B,H,M,P) fp32: S_final, or dS_initial when REVERSE. Grid (B*H, M/BM)."""
+    S0 in, S_last out (B,H,M,P) fp32: S_final, or dS_initial when REVERSE. Grid (B*H, cdiv(M,BM))."""
     bh, mb = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
-    m, p = mb * BM + tl.arange(0, BM), tl.arange(0, P)
+    m, p = mb * BM + tl.arange(0, BM), tl.arange(0, BP)
+    m_ok = m < M
+    ok = m_ok[:, None] & (p < P)[None, :]
     row0 = b * Tp * H + h
     tile = m[:, None] * P + p[None, :]
     chunk0 = states + (b * H + h) * n * M * P + tile
-    S = tl.load(S0 + (b * H + h) * M * P + tile)
+    S = tl.load(S0 + (b * H + h) * M * P + tile, mask=ok, other=0.0)
     for i in range(n):
         if REVERSE:
             c = n - 1 - i
         else:
             c = i
-        dS = tl.load(chunk0 + c * M * P)
-        tl.store(chunk0 + c * M * P, S)
-        G_C = tl.load(G + (row0 + (c * C + C - 1) * H) * M + m)
+        dS = tl.load(chunk0 + c * M * P, mask=ok, other=0.0)
+        tl.store(chunk0 + c * M * P, S, mask=ok)
+        G_C = tl.load(G + (row0 + (c * C + C - 1) * H) * M + m, mask=m_ok, other=0.0)
         S = tl.exp(G_C)[:, None] * S + dS
-    tl.store(S_last + (b * H + h) * M * P + tile, S)
+    tl.store(S_last + (b * H + h) * M * P + tile, S, mask=ok)
 
 
 @triton.jit
 def _chunk_output_fwd(x, G, beta, q, states, y_part, Tp, H, M: tl.constexpr, P: tl.constexpr,
-                      BM: tl.constexpr, C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
+                      BM: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
+                      PREC: tl.constexpr):
     """Stage 3, y for one chunk and one block of slots, sub-chunk by sub-chunk (a):
         y_a = (q_a * e^{G_a - G_r}) W + A_a x_a,   A_a[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}, s <= t
         W  <- e^{G_r' - G_r} * W + (beta_a * e^{G_r' - G_a})^T x_a,   W = S_in[c] and G_r = 0 at a = 0
     x (B,Tp,H,P); G, beta, q (B,Tp,H,M); states (B,H,n,M,P) fp32 = S_in;
-    y_part (M/BM,B,Tp,H,P) fp32 <- this slot block's share of y. Grid (n, B*H, M/BM)."""
+    y_part (cdiv(M,BM),B,Tp,H,P) fp32 <- this slot block's share of y. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), bh % H
-    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, P)
+    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
+    m_ok, p_ok = m < M, p < P
+    mk, pk = m_ok[None, :], p_ok[None, :]                            # masks of (L, BM) and (L, BP) tiles
     row0 = b * Tp * H + h
     y_part += mb.to(tl.int64) * tl.num_programs(1) * Tp * P
-    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :])
+    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :],
+                mask=m_ok[:, None] & pk, other=0.0)
     G_r = tl.zeros([BM], tl.float32)
     for a in range(C // L):
         t0 = c * C + a * L
         row = row0 + (t0 + l) * H
-        G_a = tl.load(G + row[:, None] * M + m[None, :])
-        beta_a = tl.load(beta + row[:, None] * M + m[None, :]).to(tl.float32)
-        q_a = tl.load(q + row[:, None] * M + m[None, :]).to(tl.float32)
-        x_a = tl.load(x + row[:, None] * P + p[None, :]).to(tl.float32)
-        G_end = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m)
+        G_a = tl.load(G + row[:, None] * M + m[None, :], mask=mk, other=0.0)
+        beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
+        q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
+        x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
+        G_end = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m, mask=m_ok, other=0.0)
         y_a = tl.dot(q_a * tl.exp(G_a - G_r[None, :]), W, input_precision=PREC)
         # diagonal block, pairwise, one column s = t0 + j of A_a at a time (no L x L x BM tile)
         for j in range(L):
             row_s = row0 + (t0 + j) * H
-            beta_s = tl.load(beta + row_s * M + m).to(tl.float32)
-            G_s = tl.load(G + row_s * M + m)
-            x_s = tl.load(x + row_s * P + p).to(tl.float32)
+            beta_s = tl.load(beta + row_s * M + m, mask=m_ok, other=0.0).to(tl.float32)
+            G_s = tl.load(G + row_s * M + m, mask=m_ok, other=0.0)
+            x_s = tl.load(x + row_s * P + p, mask=p_ok, other=0.0).to(tl.float32)
             # mask before exp: for t < s the exponent is positive and could overflow
             decay = tl.exp(tl.where(l[:, None] >= j, G_a - G_s[None, :], float('-inf')))
             A_s = tl.sum(q_a * beta_s[None, :] * decay, 1)               # A_a[:, s]
             y_a += A_s[:, None] * x_s[None, :]
-        tl.store(y_part + row[:, None] * P + p[None, :], y_a)
+        tl.store(y_part + row[:, None] * P + p[None, :], y_a, mask=pk)
         W = tl.exp(G_end - G_r)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(G_end[None, :] - G_a)), x_a,
                                                        input_precision=PREC)
         G_r = G_end
@@ -161,33 +177,36 @@ def _chunk_output_fwd(x, G, beta, q, states, y_part, Tp, H, M: tl.constexpr, P: 
 
 @triton.jit
 def _chunk_dx_dbeta_bwd(x, G, beta, q, dy, states, dx_part, dbeta, Tp, H, M: tl.constexpr,
-                        P: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
-                        PREC: tl.constexpr):
+                        P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
+                        L: tl.constexpr, PREC: tl.constexpr):
     """Backward, reverse sweep: dx_s = D_s^T beta_s and dbeta_s = D_s x_s, sub-chunk by sub-chunk
     from the last, with the adjoint W held at r = the last step of sub-chunk a:
         D_s = e^{G_r - G_s} * W + sum_{t>=s in a} e^{G_t - G_s} * q_t dy_t^T
         W  <- e^{G_r - G_r'} * W + (q_a * e^{G_a - G_r'})^T dy_a,   r' = last step before a (G_r' = 0 at a = 0)
     starting from W = E[c]. x, dy (B,Tp,H,P); G, beta, q (B,Tp,H,M); states (B,H,n,M,P) fp32 = E;
-    dx_part (M/BM,B,Tp,H,P) fp32 (this slot block's share); dbeta (B,Tp,H,M) fp32. Grid (n, B*H, M/BM)."""
+    dx_part (cdiv(M,BM),B,Tp,H,P) fp32 (this slot block's share); dbeta (B,Tp,H,M) fp32. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), bh % H
-    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, P)
+    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
+    m_ok, p_ok = m < M, p < P
+    mk, pk = m_ok[None, :], p_ok[None, :]                            # masks of (L, BM) and (L, BP) tiles
     row0 = b * Tp * H + h
     dx_part += mb.to(tl.int64) * tl.num_programs(1) * Tp * P
-    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :])
+    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :],
+                mask=m_ok[:, None] & pk, other=0.0)
     for i in range(C // L):
         a = C // L - 1 - i
         t0 = c * C + a * L
         row = row0 + (t0 + l) * H
-        G_a = tl.load(G + row[:, None] * M + m[None, :])
-        beta_a = tl.load(beta + row[:, None] * M + m[None, :]).to(tl.float32)
-        q_a = tl.load(q + row[:, None] * M + m[None, :]).to(tl.float32)
-        x_a = tl.load(x + row[:, None] * P + p[None, :]).to(tl.float32)
-        dy_a = tl.load(dy + row[:, None] * P + p[None, :]).to(tl.float32)
-        G_r = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m)
+        G_a = tl.load(G + row[:, None] * M + m[None, :], mask=mk, other=0.0)
+        beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
+        q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
+        x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
+        dy_a = tl.load(dy + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
+        G_r = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m, mask=m_ok, other=0.0)
         # the step before sub-chunk a is in this chunk only if a > 0 (G restarts at each chunk)
-        G_prev = tl.load(G + (row0 + tl.maximum(t0 - 1, c * C) * H) * M + m)
+        G_prev = tl.load(G + (row0 + tl.maximum(t0 - 1, c * C) * H) * M + m, mask=m_ok, other=0.0)
         G_prev = tl.where(a > 0, G_prev, 0.0)
         decay_r = tl.exp(G_r[None, :] - G_a)
         dx_a = tl.dot(beta_a * decay_r, W, input_precision=PREC)
@@ -196,71 +215,79 @@ def _chunk_dx_dbeta_bwd(x, G, beta, q, dy, states, dx_part, dbeta, Tp, H, M: tl.
         #   dx_s += A_a[t, s] dy_t,   dbeta_si += (dy_t . x_s) q_ti e^{G_ti - G_si}   (s <= t)
         for j in range(L):
             row_t = row0 + (t0 + j) * H
-            q_t = tl.load(q + row_t * M + m).to(tl.float32)
-            G_t = tl.load(G + row_t * M + m)
-            dy_t = tl.load(dy + row_t * P + p).to(tl.float32)
+            q_t = tl.load(q + row_t * M + m, mask=m_ok, other=0.0).to(tl.float32)
+            G_t = tl.load(G + row_t * M + m, mask=m_ok, other=0.0)
+            dy_t = tl.load(dy + row_t * P + p, mask=p_ok, other=0.0).to(tl.float32)
             decay = tl.exp(tl.where(l[:, None] <= j, G_t[None, :] - G_a, float('-inf')))
             A_t = tl.sum(beta_a * q_t[None, :] * decay, 1)               # A_a[t, :]
             dx_a += A_t[:, None] * dy_t[None, :]
             x_dy = tl.sum(x_a * dy_t[None, :], 1)                         # x_s . dy_t
             dbeta_a += x_dy[:, None] * q_t[None, :] * decay
-        tl.store(dx_part + row[:, None] * P + p[None, :], dx_a)
-        tl.store(dbeta + row[:, None] * M + m[None, :], dbeta_a)
+        tl.store(dx_part + row[:, None] * P + p[None, :], dx_a, mask=pk)
+        tl.store(dbeta + row[:, None] * M + m[None, :], dbeta_a, mask=mk)
         W = tl.exp(G_r - G_prev)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(G_a - G_prev[None, :])), dy_a,
                                                         input_precision=PREC)
 
 
 @triton.jit
 def _chunk_dq_bwd(x, G, beta, dy, states, dq, Tp, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                  C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
+                  BP: tl.constexpr, C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
     """Backward, forward sweep: dq_t = S_t dy_t, reading the states as stage 3 does:
         dq_a = e^{G_a - G_r} * (dy_a W^T) + sum_{s<=t in a} e^{G_t - G_s} * beta_s (dy_t . x_s)
         W   <- e^{G_r' - G_r} * W + (beta_a * e^{G_r' - G_a})^T x_a,   W = S_in[c] and G_r = 0 at a = 0
     x, dy (B,Tp,H,P); G, beta (B,Tp,H,M); states (B,H,n,M,P) fp32 = S_in; dq (B,Tp,H,M) fp32.
-    Grid (n, B*H, M/BM)."""
+    Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), bh % H
-    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, P)
+    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
+    m_ok, p_ok = m < M, p < P
+    mk, pk = m_ok[None, :], p_ok[None, :]                            # masks of (L, BM) and (L, BP) tiles
     row0 = b * Tp * H + h
-    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :])
+    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :],
+                mask=m_ok[:, None] & pk, other=0.0)
     G_r = tl.zeros([BM], tl.float32)
     for a in range(C // L):
         t0 = c * C + a * L
         row = row0 + (t0 + l) * H
-        G_a = tl.load(G + row[:, None] * M + m[None, :])
-        beta_a = tl.load(beta + row[:, None] * M + m[None, :]).to(tl.float32)
-        x_a = tl.load(x + row[:, None] * P + p[None, :]).to(tl.float32)
-        dy_a = tl.load(dy + row[:, None] * P + p[None, :]).to(tl.float32)
-        G_end = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m)
+        G_a = tl.load(G + row[:, None] * M + m[None, :], mask=mk, other=0.0)
+        beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
+        x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
+        dy_a = tl.load(dy + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
+        G_end = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m, mask=m_ok, other=0.0)
         dq_a = tl.exp(G_a - G_r[None, :]) * tl.dot(dy_a, tl.trans(W), input_precision=PREC)
         # diagonal block, pairwise, one earlier step s = t0 + j at a time:
         #   dq_ti += (dy_t . x_s) beta_si e^{G_ti - G_si}   (s <= t)
         for j in range(L):
             row_s = row0 + (t0 + j) * H
-            beta_s = tl.load(beta + row_s * M + m).to(tl.float32)
-            G_s = tl.load(G + row_s * M + m)
-            x_s = tl.load(x + row_s * P + p).to(tl.float32)
+            beta_s = tl.load(beta + row_s * M + m, mask=m_ok, other=0.0).to(tl.float32)
+            G_s = tl.load(G + row_s * M + m, mask=m_ok, other=0.0)
+            x_s = tl.load(x + row_s * P + p, mask=p_ok, other=0.0).to(tl.float32)
             decay = tl.exp(tl.where(l[:, None] >= j, G_a - G_s[None, :], float('-inf')))
             dy_x = tl.sum(dy_a * x_s[None, :], 1)                         # dy_t . x_s
             dq_a += dy_x[:, None] * beta_s[None, :] * decay
-        tl.store(dq + row[:, None] * M + m[None, :], dq_a)
+        tl.store(dq + row[:, None] * M + m[None, :], dq_a, mask=mk)
         W = tl.exp(G_end - G_r)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(G_end[None, :] - G_a)), x_a,
                                                        input_precision=PREC)
         G_r = G_end
 
 
 def chunk_meta(M, P, chunk_size, dtype):
-    """The compile-time constants the chunk kernels are launched with (the compile test uses them too)."""
-    if not all(v >= 16 and v & (v - 1) == 0 for v in (M, P)):
-        raise ValueError(f"scan_triton needs M (n_slots) and P (head_dim) to be powers of 2 >= 16, "
-                         f"got M={M}, P={P}: tl.dot needs every dimension >= 16 (or use scan='chunked')")
-    if chunk_size % SUB:
-        raise ValueError(f"chunk_size={chunk_size} must be a multiple of {SUB}")
+    """The compile-time constants the chunk kernels are launched with (the compile test uses them too).
+
+    Any M, P >= 1: tiles are powers of 2 >= 16 (tl.arange and tl.dot need them), BM slots by BP
+    columns, and the kernels mask what lies past M or P. A masked slot loads g = beta = q = 0 (no
+    decay, no write, no read) and a masked column x = dy = 0, so the padding adds nothing to any
+    result and nothing past M or P is stored."""
+    if not (isinstance(chunk_size, int) and chunk_size >= SUB and chunk_size % SUB == 0):
+        raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of {SUB}")
+    if M < 1 or P < 1:
+        raise ValueError(f"scan_triton needs M (n_slots) >= 1 and P (head_dim) >= 1, got M={M}, P={P}")
     # fp32 inputs: 3 tf32 passes give fp32 accuracy on tensor cores; bf16 inputs need no more than tf32
     prec = 'tf32x3' if dtype == torch.float32 else 'tf32'
-    BM = min(M, max(16, STATE_TILE // P))
-    return dict(M=M, P=P, BM=BM, C=chunk_size, L=SUB, PREC=prec)
+    BP = max(16, triton.next_power_of_2(P))
+    BM = min(max(16, triton.next_power_of_2(M)), max(16, STATE_TILE // BP))
+    return dict(M=M, P=P, BM=BM, BP=BP, C=chunk_size, L=SUB, PREC=prec)
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -290,10 +317,11 @@ class _ScanTriton(torch.autograd.Function):
         f32 = dict(device=x.device, dtype=torch.float32)
         S0 = torch.zeros(B, H, M, P, **f32) if initial_state is None else initial_state.float().contiguous()
         states, S_final = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
-        y_part = torch.empty(M // BM, B, Tp, H, P, **f32)
-        grid = (n, B * H, M // BM)
+        nb = triton.cdiv(M, BM)                                    # slot blocks, the last maybe partial
+        y_part = torch.empty(nb, B, Tp, H, P, **f32)
+        grid = (n, B * H, nb)
         _launch(_chunk_state, grid, x_, G, beta_, states, Tp, H, REVERSE=False, **meta)
-        _launch(_state_pass, (B * H, M // BM), states, G, S0, S_final, Tp, H, n, REVERSE=False, **meta)
+        _launch(_state_pass, (B * H, nb), states, G, S0, S_final, Tp, H, n, REVERSE=False, **meta)
         _launch(_chunk_output_fwd, grid, x_, G, beta_, q_, states, y_part, Tp, H, **meta)
         ctx.save_for_backward(x_, G, beta_, q_, states, S_final)
         ctx.info = (T, meta, g.shape[-1], g.dtype, beta.dtype, q.dtype, initial_state is not None)
@@ -310,11 +338,12 @@ class _ScanTriton(torch.autograd.Function):
         dS_final = dS_final.float().contiguous()
         f32 = dict(device=x_.device, dtype=torch.float32)
         E, dS0 = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
-        dx_part = torch.empty(M // BM, B, Tp, H, P, **f32)
+        nb = triton.cdiv(M, BM)
+        dx_part = torch.empty(nb, B, Tp, H, P, **f32)
         dbeta, dq = torch.empty(B, Tp, H, M, **f32), torch.empty(B, Tp, H, M, **f32)
-        grid = (n, B * H, M // BM)
+        grid = (n, B * H, nb)
         _launch(_chunk_state, grid, dy_, G, q_, E, Tp, H, REVERSE=True, **meta)
-        _launch(_state_pass, (B * H, M // BM), E, G, dS_final, dS0, Tp, H, n, REVERSE=True, **meta)
+        _launch(_state_pass, (B * H, nb), E, G, dS_final, dS0, Tp, H, n, REVERSE=True, **meta)
         _launch(_chunk_dx_dbeta_bwd, grid, x_, G, beta_, q_, dy_, E, dx_part, dbeta, Tp, H, **meta)
         _launch(_chunk_dq_bwd, grid, x_, G, beta_, dy_, S_in, dq, Tp, H, **meta)
         # dL/dG_t per slot (DESIGN.md); S_final depends on the last step's G as well

@@ -4,7 +4,14 @@ Forward and every gradient of scan_triton equal scan_naive's (autograd through t
 recurrence); the decode steps equal scan_step / scan_step_sparse. The matrix is
 not a full product (the interpreter is slow) but covers each value of each axis:
 routing {dense, sparse top-k, broadcast g}, decay {weak, strong down to -20},
-T {1, 17, 64, 200}, M {16, 64}, P {32, 64}, initial state {no, yes}, fp32 and bf16.
+T {1, 17, 33, 40, 64, 80, 130, 200}, M {1, 5, 16, 64, 100}, P {3, 32, 48, 64} (any M, P:
+the kernels mask their power-of-2 tiles), initial state {no, yes}, fp32 and bf16.
+Every buffer the kernels fill is poisoned with NaN first: an element they fail to
+write shows up.
+
+The interpreter must be on before triton is first imported, so this module asks
+for it (triton_mode, tests/conftest.py): a pytest process that imported triton
+without it runs these tests in a child process with TRITON_INTERPRET=1.
 
 Tolerances are relative to the largest reference value:
 - fp32: 1e-4. Both sides compute in fp32; only the summation order differs.
@@ -14,37 +21,14 @@ Tolerances are relative to the largest reference value:
   leaves room for that plus fp32 reassociation, and is far below what a wrong
   term would cost (errors of order 1).
 """
-import os
-os.environ['TRITON_INTERPRET'] = '1'   # before triton is imported: the kernels run on CPU tensors
-
-import subprocess
-import sys
-
 import pytest
 import torch
 import triton
-import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 import kernels
 import scan
 
-# triton.jit picks interpreter or compiler once, at import, for triton's own functions
-# (tl.sum, ...) too. If this process imported triton before the line above (another
-# test file did), the interpreter cannot run here: run this file in a fresh process.
-FRESH_PROCESS = not isinstance(tl.sum, InterpretedFunction)
-
-if FRESH_PROCESS:
-    def test_in_fresh_process():
-        r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__],
-                           env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_in_this_process(request):
-    if FRESH_PROCESS and request.node.name != 'test_in_fresh_process':
-        pytest.skip('triton was imported without the interpreter; test_in_fresh_process runs this')
+pytestmark = pytest.mark.triton_mode('interpreter')
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
@@ -80,35 +64,50 @@ def inputs(T, M, P, routing, decay, dtype, B=2, H=2, seed=0):
 
 
 F32, BF16 = torch.float32, torch.bfloat16
-# The interpreter's cost grows with the programs launched (chunks x B*H x slot blocks),
-# so the long sequences run with a smaller batch. M=64 with P=64 takes two slot blocks
-# (BM=32): the partial sums of y and dx over slot blocks are exercised too.
+# The interpreter's cost grows with the programs launched (chunks x B*H x slot blocks)
+# times the chunk length, so long sequences run with a small batch. Slot blocks are
+# BM = 32 at P = 48 or 64 (M=64: two full blocks, M=100: three and a partial one of 4),
+# so the partial sums of y and dx over slot blocks are exercised too.
 CASES = [  # routing, decay, T, M, P, initial state, dtype, chunk_size, B, H
-    ('dense', 'weak', 1, 16, 32, False, F32, 64, 2, 2),
-    ('dense', 'strong', 200, 64, 32, True, F32, 64, 1, 1),
-    ('dense', 'strong', 200, 64, 64, True, F32, 64, 1, 2),      # the model's M, P
-    ('dense', 'strong', 17, 64, 64, True, F32, 16, 2, 2),        # one sub-chunk per chunk
-    ('sparse', 'strong', 17, 16, 64, True, F32, 64, 2, 2),
-    ('sparse', 'weak', 64, 64, 64, False, F32, 64, 1, 2),
-    ('sparse', 'strong', 200, 16, 32, False, F32, 64, 1, 2),
-    ('broadcast', 'strong', 64, 16, 32, True, F32, 64, 2, 2),
-    ('broadcast', 'weak', 200, 64, 64, False, F32, 128, 1, 1),
-    ('dense', 'strong', 64, 64, 64, True, BF16, 64, 1, 2),
-    ('sparse', 'weak', 17, 16, 32, False, BF16, 64, 2, 2),
-    ('broadcast', 'strong', 200, 16, 64, True, BF16, 64, 1, 1),
+    ('dense', 'weak', 1, 5, 3, False, F32, 16, 2, 2),
+    ('dense', 'strong', 130, 64, 64, True, F32, 64, 1, 1),      # the model's M, P
+    ('dense', 'strong', 40, 100, 48, True, F32, 16, 1, 1),       # one sub-chunk per chunk
+    ('sparse', 'strong', 17, 100, 3, True, F32, 16, 2, 1),
+    ('sparse', 'weak', 33, 5, 48, False, F32, 32, 1, 2),
+    ('sparse', 'strong', 200, 16, 32, False, F32, 64, 1, 1),
+    ('broadcast', 'strong', 64, 1, 3, True, F32, 64, 1, 2),      # Mamba-2 with one slot
+    ('broadcast', 'weak', 200, 16, 64, False, F32, 128, 1, 1),
+    ('dense', 'strong', 64, 64, 64, True, BF16, 64, 1, 1),
+    ('sparse', 'weak', 17, 100, 48, False, BF16, 32, 1, 1),
+    ('broadcast', 'strong', 80, 5, 3, True, BF16, 64, 1, 1),
 ]
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty filled with NaN while a test runs (the kernels' outputs and partial sums)."""
+    empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        t = empty(*size, **kw)
+        return t.fill_(float('nan')) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, 'empty', nan_empty)
+
+
+def run_triton(chunk):
+    return lambda *a, **kw: kernels.scan_triton(*a, **kw, chunk_size=chunk)
 
 
 @pytest.mark.parametrize('routing,decay,T,M,P,init,dtype,chunk,B,H', CASES,
                          ids=lambda v: str(v).replace('torch.', ''))
-def test_scan_triton_equals_naive(routing, decay, T, M, P, init, dtype, chunk, B, H):
+def test_scan_triton_equals_naive(routing, decay, T, M, P, init, dtype, chunk, B, H, poisoned_empty):
     x, g, beta, q, S0 = inputs(T, M, P, routing, decay, dtype, B, H)
     leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
     gen = torch.Generator().manual_seed(1)
     dy = torch.randn(B, T, H, P, generator=gen).to(dtype)
     dS = torch.randn(B, H, M, P, generator=gen)
     results = []
-    for fn in (scan.scan_naive, lambda *a, **kw: kernels.scan_triton(*a, **kw, chunk_size=chunk)):
+    for fn in (scan.scan_naive, run_triton(chunk)):
         y, S = fn(*leaves[:4], initial_state=leaves[4] if init else None)
         assert y.dtype == dtype and S.dtype == torch.float32
         ((y.float() * dy.float()).sum() + (S * dS).sum()).backward()
@@ -129,7 +128,7 @@ def test_scan_triton_equals_naive(routing, decay, T, M, P, init, dtype, chunk, B
 def test_strong_decay_at_chunk_64_is_finite():
     """Every step at -20 in every slot: a chunk decays by 1280 nats, far past fp32's e^-88."""
     T, M, P = 64, 16, 32
-    x, g, beta, q, S0 = inputs(T, M, P, 'dense', 'weak', torch.float32)
+    x, g, beta, q, S0 = inputs(T, M, P, 'dense', 'weak', torch.float32, B=1)
     g = torch.full_like(g, -20.0)
     leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
     y, S = kernels.scan_triton(*leaves[:4], initial_state=leaves[4])
@@ -143,10 +142,10 @@ def test_strong_decay_at_chunk_64_is_finite():
 B, H = 2, 3   # the decode steps are cheap
 
 
-@pytest.mark.parametrize('M,P', [(64, 64), (24, 40)])            # non-powers of 2: masked tiles
+@pytest.mark.parametrize('M,P', [(64, 64), (24, 40), (100, 48), (5, 3), (1, 3)])   # masked tiles past M, P
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('broadcast', [False, True])
-def test_step_dense_equals_scan_step(M, P, dtype, broadcast):
+def test_step_dense_equals_scan_step(M, P, dtype, broadcast, poisoned_empty):
     gen = torch.Generator().manual_seed(0)
     state = torch.randn(B, H, M, P, generator=gen)
     x = torch.randn(B, H, P, generator=gen).to(dtype)
@@ -160,10 +159,9 @@ def test_step_dense_equals_scan_step(M, P, dtype, broadcast):
     assert rel_err(y.float(), y_ref.float()) <= TOL[dtype]
 
 
-@pytest.mark.parametrize('M,K', [(16, 4), (64, 7)])
+@pytest.mark.parametrize('M,K,P', [(16, 4, 64), (64, 7, 64), (100, 3, 48), (5, 1, 3)])   # K not a power of 2
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_step_sparse_touches_only_k_rows(M, K, dtype):
-    P = 64
+def test_step_sparse_touches_only_k_rows(M, K, P, dtype, poisoned_empty):
     gen = torch.Generator().manual_seed(0)
     state = torch.randn(B, H, M, P, generator=gen)
     idx = torch.rand(B, M, generator=gen).topk(K, dim=-1).indices      # distinct slots, shared by heads
@@ -191,7 +189,20 @@ def test_cpu_without_interpreter_raises(monkeypatch):
         kernels.scan_triton(x, g, beta, q)
 
 
-def test_bad_shapes_raise():
-    x, g, beta, q, _ = inputs(4, 16, 32, 'dense', 'weak', torch.float32)
-    with pytest.raises(ValueError, match='powers of 2'):
-        kernels.scan_triton(x[..., :24], g, beta, q)
+@pytest.mark.parametrize('chunk', [0, 24, 8])
+def test_bad_chunk_size_raises(chunk):
+    x, g, beta, q, _ = inputs(4, 5, 3, 'dense', 'weak', torch.float32)
+    with pytest.raises(ValueError, match='chunk_size'):
+        kernels.scan_triton(x, g, beta, q, chunk_size=chunk)
+
+
+def test_tiles_cover_any_M_P():
+    """The launch constants: power-of-2 tiles >= 16 that cover M and P, within the state budget."""
+    for M in (1, 5, 16, 64, 100, 1000):
+        for P in (1, 3, 48, 64, 200):
+            meta = kernels.chunk_meta(M, P, 64, torch.float32)
+            BM, BP = meta['BM'], meta['BP']
+            for v in (BM, BP):
+                assert v >= 16 and v & (v - 1) == 0
+            assert BP >= P and (BM >= M or BM * BP >= kernels.STATE_TILE)
+            assert BM * BP <= max(kernels.STATE_TILE, 16 * BP)

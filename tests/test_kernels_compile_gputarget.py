@@ -3,15 +3,19 @@
 Runs without a GPU (ptxas ships with the triton wheel). The interpreter test
 (test_kernels.py) checks the numbers; this checks what the interpreter lets
 through: tl.dot shapes and dtypes, layouts, register allocation, ptxas.
-"""
-import os
-import subprocess
-import sys
 
+Every kernel is compiled at the model's shapes (M = P = 64) for both targets and
+both input dtypes, and at shapes that are not powers of 2 (M=100, P=48, K=3; the
+decode steps also at M=1, P=3, K=1), where the tiles are masked, for sm_90 in fp32
+and sm_80 in bf16 (both targets and both dtypes, at half the compile time).
+
+Compiling needs triton imported without the interpreter (triton_mode,
+tests/conftest.py): a pytest process that runs the interpreter runs these tests in
+a child process without it.
+"""
 import pytest
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
@@ -19,28 +23,14 @@ from triton.runtime.jit import JITFunction
 
 import kernels
 
-# Under TRITON_INTERPRET=1 at triton's import (test_kernels.py sets it, and may run
-# first in this process) triton's own functions (tl.sum, ...) are interpreter wrappers
-# and cannot be compiled: then run this file in a fresh process without it.
-FRESH_PROCESS = isinstance(tl.sum, InterpretedFunction)
+pytestmark = pytest.mark.triton_mode('compiler')
 
-if FRESH_PROCESS:
-    def test_in_fresh_process():
-        env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-        r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__],
-                           env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-
-
-@pytest.fixture(autouse=True)
-def _compiler_in_this_process(request):
-    if FRESH_PROCESS and request.node.name != 'test_in_fresh_process':
-        pytest.skip('triton was imported under the interpreter; test_in_fresh_process runs this')
-
-
-TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
+SM80, SM90 = GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
-M, P, K, CHUNK = 64, 64, 8, 64          # the model's defaults (n_slots, head_dim, chunk_size)
+CHUNK = 64
+# name: (M, P, K): n_slots, head_dim, top_k. 'model' is the model's defaults.
+SHAPES = {'model': (64, 64, 8), 'M100_P48_K3': (100, 48, 3), 'M1_P3_K1': (1, 3, 1)}
+STEP_KERNELS = ('_step_dense', '_step_sparse')
 
 # Pointer arguments, by what they point at: the caller's tensors take the input dtype.
 INPUT_PTRS = {'x', 'g', 'beta', 'q', 'dy', 'u', 'k', 'y'}
@@ -49,8 +39,9 @@ INT64_PTRS = {'idx'}
 INTS = {'Tp', 'H', 'n', 'M', 'K'}
 
 
-def constexpr_sets(fn):
-    """Every constexpr combination the launchers use for fn, from their own helpers."""
+def constexpr_sets(fn, shape='model'):
+    """Every constexpr combination the launchers use for fn at `shape`, from their own helpers."""
+    M, P, K = SHAPES[shape]
     chunk = lambda dtype: kernels.chunk_meta(M, P, CHUNK, dtype)
     sets = {
         '_chunk_state': lambda d: [dict(chunk(d), REVERSE=r) for r in (False, True)],
@@ -92,12 +83,31 @@ def signature(fn, dtype, constexprs):
     return sig
 
 
-@pytest.mark.parametrize('target', TARGETS, ids=lambda t: f"sm{t.arch}")
-@pytest.mark.parametrize('dtype', list(DTYPES))
-@pytest.mark.parametrize('fn', KERNELS, ids=lambda f: f.__name__)
-def test_compiles_to_cubin(fn, dtype, target):
-    for constexprs in constexpr_sets(fn)(DTYPES[dtype]):
+def compile_all(fn, dtype, target, shape):
+    n = 0
+    for constexprs in constexpr_sets(fn, shape)(DTYPES[dtype]):
         constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
         src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options={'num_warps': 4})
-        assert compiled.asm['cubin'], f"{fn.__name__} {dtype} sm{target.arch}: no cubin"
+        assert compiled.asm['cubin'], f"{fn.__name__} {dtype} sm{target.arch} {shape}: no cubin"
+        n += 1
+    assert n >= 1
+
+
+@pytest.mark.parametrize('target', [SM80, SM90], ids=lambda t: f"sm{t.arch}")
+@pytest.mark.parametrize('dtype', list(DTYPES))
+@pytest.mark.parametrize('fn', KERNELS, ids=lambda f: f.__name__)
+def test_compiles_to_cubin(fn, dtype, target):
+    compile_all(fn, dtype, target, 'model')
+
+
+ANY_SHAPE_CASES = [(fn, shape, dtype, target)
+                   for fn in KERNELS
+                   for shape in (['M100_P48_K3', 'M1_P3_K1'] if fn.__name__ in STEP_KERNELS else ['M100_P48_K3'])
+                   for dtype, target in (('fp32', SM90), ('bf16', SM80))]
+
+
+@pytest.mark.parametrize('fn,shape,dtype,target', ANY_SHAPE_CASES,
+                         ids=lambda v: getattr(v, '__name__', None) or (f"sm{v.arch}" if hasattr(v, 'arch') else v))
+def test_compiles_at_any_M_P(fn, shape, dtype, target):
+    compile_all(fn, dtype, target, shape)

@@ -1,0 +1,126 @@
+"""Triton runs in one of two modes per process, fixed when triton is first imported:
+the interpreter (TRITON_INTERPRET=1: kernels run on CPU tensors, test_kernels.py) or
+the compiler (test_kernels_compile_gputarget.py compiles for sm_80/sm_90; test_cuda.py
+runs on a GPU). A test module says which it needs with
+
+    pytestmark = pytest.mark.triton_mode('interpreter')     # or 'compiler'
+
+Tests whose mode is not this process's run in one fresh pytest process per module, in
+the mode they need, and each test here reports its own outcome from there: passed,
+failed (with the child's report) or skipped (with its reason). So `python -m pytest`
+runs every kernel test for real in either mode, and none is skipped for the mode.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+RESULTS_ENV = 'FM_PYTEST_CHILD_RESULTS'   # set in a child: where it writes its outcomes
+MODES = ('interpreter', 'compiler')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', "triton_mode(mode): the Triton mode the module needs, "
+                                       "'interpreter' (TRITON_INTERPRET=1) or 'compiler'")
+    config._fm_child_runs = {}           # module path -> {nodeid: outcome}
+    config._fm_proxied = {}              # module path -> [nodeids to run in a child]
+
+
+def process_mode():
+    """The mode triton was imported in here (importing it now if no test module did)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    return 'interpreter' if isinstance(tl.sum, InterpretedFunction) else 'compiler'
+
+
+def wanted_mode(item):
+    marker = item.get_closest_marker('triton_mode')
+    if marker is None:
+        return None
+    assert marker.args and marker.args[0] in MODES, f"triton_mode takes one of {MODES}"
+    return marker.args[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    modes = {id(item): wanted_mode(item) for item in items}
+    if not any(modes.values()):
+        return
+    here = process_mode()
+    for item in items:
+        mode = modes[id(item)]
+        if mode is None or mode == here:
+            continue
+        if os.environ.get(RESULTS_ENV):
+            raise pytest.UsageError(f"{item.nodeid} needs Triton's {mode} mode, but this child process "
+                                    f"runs the {here} (was triton imported before the mode was set?)")
+        item._fm_proxy_mode = mode
+        config._fm_proxied.setdefault(str(item.path), []).append(item.nodeid)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    mode = getattr(pyfuncitem, '_fm_proxy_mode', None)
+    if mode is None:
+        return None
+    config = pyfuncitem.config
+    path = str(pyfuncitem.path)
+    if path not in config._fm_child_runs:
+        config._fm_child_runs[path] = run_child(config, path, mode)
+    outcomes, tail = config._fm_child_runs[path]
+    got = outcomes.get(pyfuncitem.nodeid)
+    if got is None:
+        pytest.fail(f"the {mode}-mode child process did not report this test; its output ends:\n{tail}",
+                    pytrace=False)
+    if got['stdout']:
+        sys.stdout.write(got['stdout'])
+    if got['outcome'] == 'skipped':
+        pytest.skip(f"(in the {mode}-mode child) {got['text']}")
+    if got['outcome'] != 'passed':
+        pytest.fail(f"failed in the {mode}-mode child process:\n{got['text']}", pytrace=False)
+    return True
+
+
+def run_child(config, path, mode):
+    """Run this module's selected tests in a fresh pytest process in `mode`; their outcomes by node id."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    if mode == 'interpreter':
+        env['TRITON_INTERPRET'] = '1'
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, 'results.json')
+        env[RESULTS_ENV] = out
+        cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *config._fm_proxied[path]]
+        r = subprocess.run(cmd, cwd=str(config.rootpath), env=env, capture_output=True, text=True)
+        tail = (r.stdout[-3000:] + r.stderr[-2000:]).strip()
+        try:
+            with open(out) as f:
+                return json.load(f), tail
+        except (OSError, ValueError):
+            return {}, tail
+
+
+# --- in a child: record each test's outcome for the parent -------------------
+
+def pytest_runtest_logreport(report):
+    if not os.environ.get(RESULTS_ENV):
+        return
+    entry = _RESULTS.setdefault(report.nodeid, {'outcome': 'passed', 'text': '', 'stdout': ''})
+    if report.when == 'call':
+        entry['stdout'] = report.capstdout
+    if report.failed:
+        entry.update(outcome='failed', text=report.longreprtext[-6000:])
+    elif report.skipped and entry['outcome'] == 'passed':
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        entry.update(outcome='skipped', text=reason)
+
+
+_RESULTS = {}   # in a child: node id -> {'outcome', 'text', 'stdout'}
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get(RESULTS_ENV)
+    if path:
+        with open(path, 'w') as f:
+            json.dump(_RESULTS, f)
