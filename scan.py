@@ -17,6 +17,7 @@ Shapes (the contract every scan here and in kernels.py follows):
 returns y (B, T, H, P) in x's dtype and the final state (B, H, M, P) in float32.
 """
 import torch
+import torch.nn.functional as F
 
 
 def scan_step(state, x, g, beta, q):
@@ -66,97 +67,253 @@ def _initial(initial_state, B, H, M, P, device):
 
 
 # -----------------------------------------------------------------------------
-# The chunked scan: the same recurrence computed chunk by chunk in parallel.
+# The chunked scan: the same recurrence computed chunk by chunk in parallel, in
+# the three stages of kernels.py, with the same symbols.
 #
-# Inside a chunk of C steps that starts from state S0, with G_t = sum_{s<=t} g_s
-# (cumulative within the chunk, per slot, so G_t - G_s <= 0 for s <= t):
+# Inside a chunk of C steps that starts from state S_in, with G_t = sum_{s<=t} g_s
+# (cumulative within the chunk, per slot, so G_t - G_s <= 0 for s <= t) and
+# G_C = G at the chunk's last step:
 #
-#   y_t   = (q_t * e^{G_t}) S0  +  sum_{s<=t} [sum_i q_{t,i} beta_{s,i} e^{G_{t,i}-G_{s,i}}] x_s
-#   S_end = e^{G_C} * S0        +  sum_s (beta_s * e^{G_C - G_s})^T x_s
+#   1. chunk state   dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s           (M x P per chunk)
+#   2. state pass    S_in[c+1] = e^{G_C} * S_in[c] + dS_c                         (sequential, n = T/C steps)
+#   3. chunk output  y_t = (q_t * e^{G_t}) S_in[c] + sum_{s<=t in c} [sum_i q_ti beta_si e^{G_ti - G_si}] x_s
 #
 # Every exponent above is <= 0. The intra-chunk term must not be factored as
-# (q e^{G_t})(beta e^{-G_s}): e^{-G_s} overflows fp32 once a chunk decays past
-# ~88 nats. So the chunk is cut into sub-chunks of L steps: s and t in the same
-# sub-chunk are computed pairwise (L x L x M); an earlier sub-chunk b reaches t
-# through the state at its last step r_b (s <= r_b < t), so the decay splits into
-# factors e^{G_t - G_r} e^{G_r - G_s} that are each <= 1.
+# (q_t e^{G_t})(beta_s e^{-G_s}): e^{-G_s} overflows fp32 once a chunk decays past
+# ~88 nats (64 steps at -20 reach -1280).
+#
+# Per-slot decay (FM): stage 3 cuts the chunk into sub-chunks of L steps and runs
+# the recurrence across them with the state W at the boundary r before each
+# sub-chunk a (r = last step of sub-chunk a-1, G_r = 0 at a = 0; r' = last step of a):
+#
+#   W_0 = S_in[c]
+#   W_{a+1} = e^{G_r' - G_r} * W_a + (beta_a * e^{G_r' - G_a})^T x_a
+#   y_a = (q_a * e^{G_a - G_r}) W_a + A_a x_a,   A_a[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}  (s <= t in a)
+#
+# so everything but the diagonal L x L blocks A_a is a matmul, and A_a is computed
+# pairwise (an L x L x M tensor of decays, each e^{G_ti - G_si} <= 1).
+#
+# Scalar decay (Mamba-2, g (B,T,H,1)): e^{G_t - G_s} has no slot axis, so the
+# whole chunk is one C x C matrix and stage 3 is two matmuls, as in the SSD form:
+#
+#   y = ((q beta^T) * Lmask) x + (q * e^{G}) S_in[c],   Lmask[t,s] = e^{G_t - G_s} (s <= t), 0 (s > t)
 # -----------------------------------------------------------------------------
 
-SUB_CHUNK = 8
+SUB_CHUNK = 16   # L, as kernels.SUB
 
 
 def scan_chunked(x, g, beta, q, initial_state=None, chunk_size=64):
-    """The chunked scan in PyTorch (differentiable, any T >= 1). Equals scan_naive."""
+    """The chunked scan in PyTorch (differentiable, any T >= 1). Equals scan_naive.
+
+    g (B,T,H,1) takes the scalar-decay path (C x C decay per chunk, autograd); per-slot g
+    (B,T,H,M) the sub-chunked path, forward and backward written out (_ScanSlots)."""
     B, T, H, P = x.shape
     M = beta.shape[-1]
-    C = chunk_size
-    L = min(SUB_CHUNK, C)
-    if C % L != 0:
-        raise ValueError(f"chunk_size={C} must be a multiple of {L} (or smaller than it)")
     S0 = _initial(initial_state, B, H, M, P, x.device)
+    if g.shape[-1] == 1:
+        return _scan_scalar(x, g, beta, q, S0, chunk_size)
+    L = min(SUB_CHUNK, chunk_size)
+    if chunk_size % L != 0:
+        raise ValueError(f"chunk_size={chunk_size} must be a multiple of {L} (or smaller than it)")
+    return _ScanSlots.apply(x, g, beta, q, S0, chunk_size, L)
 
-    # Pad T up to a whole number of chunks. A padded step has g=0 (no decay) and
-    # beta=0 (no write), so the final state is the state after step T.
+
+def _chunks(t, C):
+    """(B,T,H,K) -> (B,H,n,C,K) float32, contiguous; T padded with zeros to n = ceil(T/C) chunks.
+    A padded step has g = 0 (no decay), beta = 0 (no write), q = 0 (no read)."""
+    B, T, H, K = t.shape
     n = -(-T // C)
-    pad = n * C - T
-    def chunks(t):  # (B,T,H,K) -> (B,H,n,C,K) float32
-        t = torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, pad))
-        return t.view(B, n, C, H, t.shape[-1]).permute(0, 3, 1, 2, 4)
-    g = g.expand_as(beta)                                        # Mamba-2's (B,T,H,1): same decay in every slot
-    xc, gc, bc, qc = chunks(x), chunks(g), chunks(beta), chunks(q)
-
-    G = gc.cumsum(dim=3)                                         # (B,H,n,C,M)
-    y = _intra_chunk(xc, G, bc, qc, L)                           # (B,H,n,C,P)
-
-    # Each chunk's own contribution to the state at its end, from a zero start.
-    G_end = G[:, :, :, -1:, :]                                   # (B,H,n,1,M)
-    dS = torch.einsum('bhncm,bhncp->bhnmp', bc * torch.exp(G_end - G), xc)  # (B,H,n,M,P)
-
-    # Pass the state across chunks: a short sequential loop (n = T/C steps), so
-    # no decay is ever formed as a difference of long cumulative sums.
-    decay = torch.exp(G_end[:, :, :, 0, :])[..., None]           # (B,H,n,M,1)
-    S, S_in = S0, []
-    for decay_c, dS_c in zip(decay.unbind(2), dS.unbind(2)):  # unbind: one cheap backward, not n
-        S_in.append(S)
-        S = decay_c * S + dS_c
-    S_in = torch.stack(S_in, dim=2)                              # (B,H,n,M,P) state entering chunk c
-
-    # Read the entering state: (q_t * e^{G_t}) S0.
-    y = y + torch.einsum('bhncm,bhnmp->bhncp', qc * torch.exp(G), S_in)
-    y = y.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, P)[:, :T]
-    return y.to(x.dtype), S
+    t = F.pad(t.float(), (0, 0, 0, 0, 0, n * C - T))
+    return t.view(B, n, C, H, K).permute(0, 3, 1, 2, 4).contiguous()
 
 
-def _intra_chunk(x, G, beta, q, L):
-    """sum_{s<=t, same chunk} [sum_i q_{t,i} beta_{s,i} e^{G_{t,i}-G_{s,i}}] x_s, by sub-chunks of L.
+def _unchunk(t, T):
+    """(B,H,n,C,K) -> (B,T,H,K), dropping the padding."""
+    B, H, n, C, K = t.shape
+    return t.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, K)[:, :T]
 
-    x (B,H,n,C,P); G (B,H,n,C,M); beta, q (B,H,n,C,M). Returns (B,H,n,C,P).
+
+def _segsum(a):
+    """a (..., N) -> (..., N, N): [z,c] = sum_{c<l<=z} a_l for c <= z, -inf for c > z. Each entry
+    is summed from its own terms (a masked cumsum), not as a difference of two long cumulative
+    sums, so a decay of thousands of nats over the sequence loses nothing to cancellation."""
+    N = a.shape[-1]
+    tril = lambda d: torch.ones(N, N, dtype=torch.bool, device=a.device).tril(d)
+    s = a[..., :, None].expand(*a.shape, N).masked_fill(~tril(-1), 0).cumsum(-2)   # [z,c]: l in (c, z]
+    return s.masked_fill(~tril(0), float('-inf'))
+
+
+def _state_pass(dS, G_C, S, reverse=False):
+    """Stage 2, the recurrence across chunks, S_in[c+1] = e^{G_C[c]} * S_in[c] + dS_c from S_in[0] = S,
+    as one matmul by the (n+1) x (n+1) matrix of decays between chunk ends (n = T/C is small):
+
+        [S_in[0..n-1], S_final] = Dm [S, dS_0..dS_{n-1}],   Dm[z,c] = e^{sum of G_C over chunks c..z-1}
+
+    reverse: the adjoint pass, [dS_initial, E[0..n-1]] = Dm^T [dD_0..dD_{n-1}, dS_final], where
+    E[c] = dL/d(dS_c), the adjoint at the end of chunk c from later chunks.
+    dS (B,H,n,M,P); G_C (B,H,n,M) or (B,H,n,1), the chunks' total log-decays; S (B,H,M,P).
+    Returns (S_in, S_final), or with reverse (E, dS_initial): (B,H,n,M,P), (B,H,M,P)."""
+    B, H, n, M, P = dS.shape
+    K = G_C.shape[-1]                                               # M, or 1 (one decay for all slots)
+    Dm = torch.exp(_segsum(F.pad(G_C.transpose(-1, -2), (1, 0))))  # (B,H,K,n+1,n+1)
+    if reverse:
+        v = torch.cat([dS, S[:, :, None]], 2)
+        Dm = Dm.transpose(-1, -2)
+    else:
+        v = torch.cat([S[:, :, None], dS], 2)                       # (B,H,n+1,M,P)
+    out = (Dm @ v.view(B, H, n + 1, K, -1).transpose(2, 3)).transpose(2, 3).reshape(B, H, n + 1, M, P)
+    return (out[:, :, 1:], out[:, :, 0]) if reverse else (out[:, :, :-1], out[:, :, -1])
+
+
+def _scan_scalar(x, g, beta, q, S0, C):
+    """Scalar decay g (B,T,H,1): the chunk's decays form one C x C matrix (no slot axis),
+    so stages 1 and 3 are matmuls. Autograd does the backward (stage 2 has its own)."""
+    B, T, H, P = x.shape
+    xc, bc, qc = _chunks(x, C), _chunks(beta, C), _chunks(q, C)      # (B,H,n,C,.)
+    G = _chunks(g, C)[..., 0].cumsum(-1)                            # (B,H,n,C)
+    G_C = G[..., -1:]                                               # (B,H,n,1)
+    # 1. chunk state: dS_c = (beta * e^{G_C - G})^T x
+    dS = (bc * torch.exp(G_C - G)[..., None]).transpose(-1, -2) @ xc          # (B,H,n,M,P)
+    # 2. state pass
+    S_in, S = _state_pass(dS, G_C, S0)
+    # 3. chunk output: ((q beta^T) * Lmask) x + (q * e^{G}) S_in
+    causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
+    Lmask = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~causal, float('-inf')))  # (B,H,n,C,C)
+    y = ((qc @ bc.transpose(-1, -2)) * Lmask) @ xc + (qc * torch.exp(G)[..., None]) @ S_in
+    return _unchunk(y, T).to(x.dtype), S
+
+
+def _pairwise(G):
+    """G (...,L,M) -> (...,L,L,M) [t,s,i]: e^{G_ti - G_si} for s <= t, 0 for s > t
+    (masked before exp: the exponent is positive there and could overflow)."""
+    L = G.shape[-2]
+    later = torch.ones(L, L, dtype=torch.bool, device=G.device).triu(1)[:, :, None]   # s > t
+    D = G[..., :, None, :] - G[..., None, :, :]
+    return D.masked_fill_(later, float('-inf')).exp_()
+
+
+def _sub_boundaries(G):
+    """G (B,H,n,k,L,M) -> G_end (B,H,n,k,M), G at each sub-chunk's last step r', and
+    G_r, G at the step before it (the last step of sub-chunk a-1; 0 at a = 0, the chunk start)."""
+    G_end = G[..., -1, :]
+    G_r = F.pad(G_end, (0, 0, 1, -1))
+    return G_end, G_r
+
+
+MAX_SPAN = 60.0  # nats: a sub-chunk decaying less than this factors its diagonal block (e^{60} ~ 1e26)
+
+
+def _sub_decays(G, G_r):
+    """G (B,H,n,k,L,M), G_r (B,H,n,k,M) -> from_r = e^{G_a - G_r} (<= 1), to_r = e^{G_r - G_a} (>= 1,
+    clamped at e^{MAX_SPAN}), and `wide`, the sub-chunks (B,H,n,k) bool whose decay over their L steps
+    passes MAX_SPAN on some slot (None if there are none)."""
+    d = G - G_r[..., None, :]                                          # <= 0
+    span = -d[..., -1, :].amin(-1)                                     # max over the slots of G_r - G_r'
+    wide = span > MAX_SPAN
+    return torch.exp(d), torch.exp(d.neg().clamp_(max=MAX_SPAN)), (wide if wide.any() else None)
+
+
+def _diagonal(q_from, b_to, G, q, beta, wide):
+    """The diagonal blocks A_a[t,s] = sum_i q_ti beta_si e^{G_ti - G_si} (s <= t in sub-chunk a),
+    (B,H,n,k,L,L). Through the boundary r before the sub-chunk, e^{G_ti - G_si} = e^{G_ti - G_ri} *
+    e^{G_ri - G_si}, so A_a = (q * e^{G - G_r}) (beta * e^{G_r - G})^T, one matmul: exact while the
+    second factor stays finite, i.e. while the sub-chunk decays by less than MAX_SPAN nats (~88 would
+    overflow fp32). The `wide` sub-chunks, which decay by more, are computed pairwise instead."""
+    A = (q_from @ b_to.transpose(-1, -2)).tril_()
+    if wide is not None:
+        A[wide] = (_pairwise(G[wide]).mul_(beta[wide][:, None, :, :]) @ q[wide][..., None])[..., 0]
+    return A
+
+
+class _ScanSlots(torch.autograd.Function):
+    """Per-slot decay (FM): the three stages, forward and backward, as kernels.py computes them.
+
+    Backward: the adjoint D_t = dL/dS_t runs the recurrence in reverse,
+        D_t = e^{g_{t+1}} * D_{t+1} + q_t dy_t^T,   dx_t = D_t^T beta_t,   dbeta_t = D_t x_t,
+    i.e. the forward stages with q and beta, x and dy swapped and time reversed:
+        1. dD_c = sum_{s in c} (q_s * e^{G_s})^T dy_s                    (dL/dS_in[c] from chunk c)
+        2. E[c] = D; D = e^{G_C} * D + dD_c, c = n-1..0 from D = dS_final; dS_initial = the last D
+        3. per sub-chunk a, from the last, with V the adjoint at its last step r' (V = E[c] at a = k-1):
+             dx_a    = (beta_a * e^{G_r' - G_a}) V + A_a^T dy_a
+             dbeta_a = e^{G_r' - G_a} * (x_a V^T) + [sum_{t>=s in a} (dy_t . x_s) q_ti e^{G_ti - G_si}]_si
+             V      <- e^{G_r' - G_r} * V + (q_a * e^{G_a - G_r})^T dy_a
+           and dq_t = S_t dy_t reads the forward's W:
+             dq_a    = e^{G_a - G_r} * (dy_a W_a^T) + [sum_{s<=t in a} (dy_t . x_s) beta_si e^{G_ti - G_si}]_ti
+    The decay needs no sweep of its own: with G the per-step cumulative sum,
+        dG_t = q_t * dq_t - beta_t * dbeta_t  (+ sum_p S_final * dS_final at the last step),
+        dg_t = sum_{t' >= t} dG_t'.
     """
-    B, H, n, C, P = x.shape
-    k = C // L                                                   # sub-chunks per chunk
-    sub = lambda t: t.reshape(B, H, n, k, L, t.shape[-1])        # (B,H,n,k,L,.)
-    x, G, beta, q = sub(x), sub(G), sub(beta), sub(q)
 
-    # Diagonal blocks, pairwise: scores[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}, s <= t.
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    dG = G[..., :, None, :] - G[..., None, :, :]                 # (B,H,n,k,L,L,M)  [t,s]
-    dG = dG.masked_fill(~causal[:, :, None], float('-inf'))      # mask before exp: s > t would overflow
-    scores = (q[..., :, None, :] * beta[..., None, :, :] * torch.exp(dG)).sum(-1)  # (B,H,n,k,L,L)
-    y = scores @ x                                                   # (B,H,n,k,L,P)
-    if k == 1:
-        return y.reshape(B, H, n, C, P)
+    @staticmethod
+    def forward(ctx, x, g, beta, q, S0, C, L):
+        B, T, H, P = x.shape
+        xc, bc, qc = _chunks(x, C), _chunks(beta, C), _chunks(q, C)   # (B,H,n,C,.)
+        G = _chunks(g, C).cumsum(3)                                   # (B,H,n,C,M)
+        G_C = G[:, :, :, -1]                                          # (B,H,n,M)
+        # 1. chunk state: dS_c = (beta * e^{G_C - G})^T x
+        dS = (bc * torch.exp(G_C[:, :, :, None] - G)).transpose(-1, -2) @ xc    # (B,H,n,M,P)
+        # 2. state pass
+        S_in, S_final = _state_pass(dS, G_C, S0)
+        # 3. chunk output, by sub-chunks of L
+        n, k = G.shape[2], C // L
+        sub = lambda t: t.view(B, H, n, k, L, t.shape[-1])            # (B,H,n,k,L,.)
+        x_, G_, b_, q_ = sub(xc), sub(G), sub(bc), sub(qc)
+        G_end, G_r = _sub_boundaries(G_)                              # (B,H,n,k,M)
+        Z = (b_ * torch.exp(G_end[..., None, :] - G_)).transpose(-1, -2) @ x_   # (B,H,n,k,M,P)
+        decay = torch.exp(G_end - G_r)[..., None]                     # (B,H,n,k,M,1)
+        W = torch.empty_like(Z)                                       # W_a, the state entering sub-chunk a
+        W[:, :, :, 0] = S_in
+        for a in range(k - 1):
+            W[:, :, :, a + 1] = torch.addcmul(Z[:, :, :, a], decay[:, :, :, a], W[:, :, :, a])
+        from_r, to_r, wide = _sub_decays(G_, G_r)
+        A = _diagonal(q_ * from_r, b_ * to_r, G_, q_, b_, wide)       # (B,H,n,k,L,L) [t,s]
+        y = (q_ * from_r) @ W + A @ x_                                # (B,H,n,k,L,P)
+        ctx.save_for_backward(xc, G, bc, qc, W, A, S_final)
+        ctx.shape = (T, L, g.dtype, beta.dtype, q.dtype)
+        return _unchunk(y.view(B, H, n, C, P), T).to(x.dtype), S_final
 
-    # Off-diagonal blocks b < a go through the state between sub-chunks, with
-    # reference points r_b = last step of sub-chunk b (every exponent <= 0):
-    #   Z_b   = sum_{s in b} (beta_s e^{G_{r_b} - G_s})^T x_s      sub-chunk b's write, seen at r_b
-    #   W_a   = sum_{b<a} e^{G_{r_{a-1}} - G_{r_b}} Z_b            state entering sub-chunk a
-    #   y_t  += (q_t e^{G_t - G_{r_{a-1}}}) W_a                     t in sub-chunk a
-    G_r = G[..., -1, :]                                          # (B,H,n,k,M)
-    Z = torch.einsum('bhnksm,bhnksp->bhnkmp', beta * torch.exp(G_r[..., None, :] - G), x)  # (B,H,n,k,M,P)
-    earlier = torch.ones(k, k, dtype=torch.bool, device=x.device).tril(-1)  # [a,b]: b < a
-    G_prev = torch.nn.functional.pad(G_r, (0, 0, 1, -1))         # G_{r_{a-1}}, 0 (chunk start) for a = 0
-    dGr = (G_prev[..., :, None, :] - G_r[..., None, :, :])       # (B,H,n,k,k,M)  [a,b]
-    dGr = dGr.masked_fill(~earlier[:, :, None], float('-inf'))
-    W = torch.einsum('...ijm,...jmp->...imp', torch.exp(dGr), Z)  # (B,H,n,k,M,P)
-    y = y + (q * torch.exp(G - G_prev[..., None, :])) @ W        # (B,H,n,k,L,P)
-    return y.reshape(B, H, n, C, P)
+    @staticmethod
+    def backward(ctx, dy, dS_final):
+        xc, G, bc, qc, W, A, S_final = ctx.saved_tensors
+        T, L, g_dtype, beta_dtype, q_dtype = ctx.shape
+        B, H, n, C, P = xc.shape
+        k = C // L
+        dyc = _chunks(dy, C)
+        dS_final = dS_final.float()
+        G_C = G[:, :, :, -1]
+        # 1. dD_c = (q * e^{G})^T dy
+        dD = (qc * torch.exp(G)).transpose(-1, -2) @ dyc              # (B,H,n,M,P)
+        # 2. reverse state pass
+        E, dS0 = _state_pass(dD, G_C, dS_final, reverse=True)
+        # 3. sub-chunk sweeps
+        sub = lambda t: t.view(B, H, n, k, L, t.shape[-1])
+        x_, G_, b_, q_, dy_ = sub(xc), sub(G), sub(bc), sub(qc), sub(dyc)
+        G_end, G_r = _sub_boundaries(G_)
+        to_end = torch.exp(G_end[..., None, :] - G_)                  # e^{G_r' - G_a}  (B,H,n,k,L,M)
+        from_r, to_r, wide = _sub_decays(G_, G_r)
+        Zd = (q_ * from_r).transpose(-1, -2) @ dy_                    # (B,H,n,k,M,P)
+        decay = torch.exp(G_end - G_r)[..., None]
+        V = torch.empty_like(Zd)                                      # V_a, the adjoint at a's last step
+        V[:, :, :, k - 1] = E
+        for a in range(k - 1, 0, -1):
+            V[:, :, :, a - 1] = torch.addcmul(Zd[:, :, :, a], decay[:, :, :, a], V[:, :, :, a])
+        dx = (b_ * to_end) @ V + A.transpose(-1, -2) @ dy_            # (B,H,n,k,L,P)
+        dbeta = to_end * (x_ @ V.transpose(-1, -2))                   # (B,H,n,k,L,M)
+        dq = from_r * (dy_ @ W.transpose(-1, -2))
+        # diagonal blocks: Q[t,s] = dy_t . x_s (s <= t) takes the place of x_s in y_t
+        Q = (dy_ @ x_.transpose(-1, -2)).tril_()                      # (B,H,n,k,L,L)
+        dq_d = from_r * (Q @ (b_ * to_r))                             # sum_s Q[t,s] beta_si e^{G_ti - G_si}
+        dbeta_d = to_r * (Q.transpose(-1, -2) @ (q_ * from_r))        # sum_t Q[t,s] q_ti e^{G_ti - G_si}
+        if wide is not None:                                          # pairwise where to_r could overflow
+            K = _pairwise(G_[wide]).mul_(Q[wide][..., None])          # (nw,L,L,M) [t,s,i]
+            dq_d[wide] = (K * b_[wide][:, None, :, :]).sum(-2)
+            dbeta_d[wide] = K.mul_(q_[wide][:, :, None, :]).sum(-3)
+        dq += dq_d
+        dbeta += dbeta_d
+        # the decay: dG = q dq - beta dbeta (+ S_final dS_final at step T), dg = reverse cumsum
+        dG = _unchunk((qc * dq.view_as(qc) - bc * dbeta.view_as(bc)), T)  # (B,T,H,M)
+        dG[:, T - 1] += (S_final * dS_final).sum(-1)
+        dg = dG.flip(1).cumsum(1).flip(1)
+        return (_unchunk(dx.view(B, H, n, C, P), T).to(dy.dtype), dg.to(g_dtype),
+                _unchunk(dbeta.view(B, H, n, C, -1), T).to(beta_dtype),
+                _unchunk(dq.view(B, H, n, C, -1), T).to(q_dtype), dS0, None, None)
