@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import scan as fm_scan
+from model import ModelConfig
 
 
 def timed(fn, repeats, device, warmup=1):
@@ -52,63 +53,234 @@ class ScanBench:
     B: int = 4
     T: int = 2048
     H: int = 4
-    M: int = 64
-    P: int = 64
-    chunk_size: int = 64
-    dtype: str = 'float32'
+    M: int = ModelConfig.n_slots
+    P: int = ModelConfig.head_dim
+    chunk_size: int = ModelConfig.chunk_size
+    dtype: str = 'float32'               # x, beta, q (and y); the log-decays g stay float32
     repeats: int = 3
+    naive: bool = True                   # time the step-by-step recurrence too (slow at large T)
+    ssd_minimal: str = ''                # path to state-spaces/mamba's mamba_ssm/modules/ssd_minimal.py:
+                                         # its ssd_minimal_discrete is timed beside the scalar-decay path
+    threads: int = 0                     # torch CPU threads; 0 = torch's default
+    json: str = ''                       # write the rows here (a list of objects)
 
 
-def scan_impls(device):
-    impls = {'naive': fm_scan.scan_naive, 'chunked': fm_scan.scan_chunked}
+def load_ssd_minimal(path):
+    """ssd_minimal_discrete from Mamba-2's minimal listing (a file of state-spaces/mamba, not part of
+    this repo). Its top-level import of mamba_ssm's Triton kernel is skipped when mamba_ssm is missing."""
+    try:
+        src = open(path).read()
+    except OSError as e:
+        sys.exit(f"bench.py scan: --ssd_minimal={path}: {e.strerror}; give the path of mamba_ssm/modules/ssd_minimal.py")
+    ns = {}
+    try:
+        exec(compile(src, path, 'exec'), ns)
+    except ImportError as e:
+        if 'einops' in str(e):
+            sys.exit("bench.py scan: ssd_minimal.py needs einops: pip install einops")
+        ns = {}
+        exec(compile('\n'.join('' if l.startswith('from mamba_ssm') else l for l in src.splitlines()), path, 'exec'), ns)
+    if 'ssd_minimal_discrete' not in ns:
+        sys.exit(f"bench.py scan: {path} has no ssd_minimal_discrete")
+    return ns['ssd_minimal_discrete']
+
+
+def scan_impls(cfg, device):
+    """{name: (decay kind, fn(x, g, beta, q) -> (y, state))}: 'slot' takes per-slot g (B,T,H,M) (FM),
+    'scalar' one decay per head, g (B,T,H,1) (Mamba-2)."""
+    C = cfg.chunk_size
+    chunked = lambda x, g, beta, q: fm_scan.scan_chunked(x, g, beta, q, chunk_size=C)
+    impls = {}
+    if cfg.naive:
+        impls['naive'] = ('slot', fm_scan.scan_naive)
+    impls['chunked'] = ('slot', chunked)
+    impls['chunked, scalar decay'] = ('scalar', chunked)
+    if cfg.ssd_minimal and cfg.T % C:
+        print(f"ssd_minimal skipped: it needs T a multiple of chunk_size={C}")
+    elif cfg.ssd_minimal:
+        ssd = load_ssd_minimal(cfg.ssd_minimal)
+        impls['ssd_minimal (Mamba-2 listing)'] = ('scalar', lambda x, g, beta, q: ssd(
+            x, g[..., 0].to(x.dtype), beta.to(x.dtype), q.to(x.dtype), C))
     if device.type == 'cuda':
         import kernels
-        impls['triton'] = kernels.scan_triton
-        try:  # fla's GLA kernel computes the same recurrence; never a requirement
+        impls['triton'] = ('slot', lambda x, g, beta, q: kernels.scan_triton(x, g, beta, q, chunk_size=C))
+        impls['triton, scalar decay'] = ('scalar', impls['triton'][1])
+        try:  # fla's GLA kernel computes the same recurrence (q = q, k = beta, v = x, gk = g, scale 1)
             from fla.ops.gla import chunk_gla
-            impls['fla chunk_gla'] = lambda x, g, beta, q: chunk_gla(
-                q, beta, x, g, scale=1.0, output_final_state=True)
+            impls['fla chunk_gla'] = ('slot', lambda x, g, beta, q: chunk_gla(
+                q.to(x.dtype), beta.to(x.dtype), x, g, scale=1.0, output_final_state=True))
+        except ImportError:
+            pass
+        try:  # Mamba-2's fused kernel, scalar decay: g = dt * A with A = -1, one group (B, C shared by heads)
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+            A = -torch.ones(cfg.H, device=device)
+            impls['mamba_chunk_scan_combined'] = ('scalar', lambda x, g, beta, q: mamba_chunk_scan_combined(
+                x, -g[..., 0], A, beta[:, :, :1].to(x.dtype), q[:, :, :1].to(x.dtype), C,
+                return_final_states=True))
         except ImportError:
             pass
     return impls
 
 
-def bench_scan(cfg):
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
+def pick_device(name, bench):
+    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
     if device.type == 'cuda' and not torch.cuda.is_available():
-        sys.exit("bench.py scan: --device=cuda but CUDA is not available here; use --device=cpu (or auto)")
+        sys.exit(f"bench.py {bench}: --device=cuda but CUDA is not available here; use --device=cpu (or auto)")
+    return device
+
+
+def set_threads(n):
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def write_json(path, rows):
+    if path:
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+
+def bench_scan(cfg):
+    device = pick_device(cfg.device, 'scan')
     if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
         sys.exit(f"bench.py scan: --dtype={cfg.dtype} must be float32, bfloat16 or float16")
     dtype = getattr(torch, cfg.dtype)
-    if device.type != 'cuda':
-        print(f"no GPU here: timing naive vs chunked on {device} ({torch.get_num_threads()} threads)")
+    threads = set_threads(cfg.threads)
     gen = torch.Generator().manual_seed(0)
     B, T, H, M, P = cfg.B, cfg.T, cfg.H, cfg.M, cfg.P
+    # gates as model.py builds them: w = softmax(r), g = Δ·A·w (per slot) or Δ·A (scalar), beta = Δ·w
     w = torch.randn(B, T, H, M, generator=gen).softmax(-1)
     dA = -torch.rand(B, T, H, 1, generator=gen)
-    tensors = [torch.randn(B, T, H, P, generator=gen), dA * w, w, torch.randn(B, T, H, M, generator=gen)]
-    x, g, beta, q = [t.to(device, dtype if i == 0 else torch.float32).requires_grad_() for i, t in enumerate(tensors)]
+    x = torch.randn(B, T, H, P, generator=gen)
+    q = torch.randn(B, T, H, M, generator=gen)
+    leaf = lambda t, dt: t.to(device, dt).requires_grad_()
+    inputs = {'slot': [leaf(x, dtype), leaf(dA * w, torch.float32), leaf(w, dtype), leaf(q, dtype)],
+              'scalar': [leaf(x, dtype), leaf(dA, torch.float32), leaf(w, dtype), leaf(q, dtype)]}
+    print(f"scan benchmark on {device}, torch {torch.__version__}, {threads} threads", flush=True)
 
     rows = []
-    for name, fn in scan_impls(device).items():
+    for name, (decay, fn) in scan_impls(cfg, device).items():
+        args = inputs[decay]
         def fwd():
             with torch.no_grad():
-                fn(x, g, beta, q)
+                fn(*args)
         def fwd_bwd():
-            y, S = fn(x, g, beta, q)
-            (y.float().sum() + S.sum()).backward()
-        t_f, mem_f = timed(fwd, cfg.repeats, device)
-        t_fb, mem_fb = timed(fwd_bwd, cfg.repeats, device)
-        rows.append((name, t_f, t_fb, mem_fb))
+            y, S = fn(*args)
+            (y.float().sum() + S.float().sum()).backward()
+        t_f, _ = timed(fwd, cfg.repeats, device)
+        t_fb, mem = timed(fwd_bwd, cfg.repeats, device)
+        rows.append({'bench': 'scan', 'impl': name, 'decay': decay, 'fwd_ms': 1e3 * t_f, 'fwd_bwd_ms': 1e3 * t_fb,
+                     'peak_mib': mem / 2**20 if mem is not None else None, 'B': B, 'T': T, 'H': H, 'M': M, 'P': P,
+                     'chunk_size': cfg.chunk_size, 'dtype': cfg.dtype, 'device': str(device), 'threads': threads,
+                     'torch': torch.__version__})
+        print(f"  {name}: fwd {1e3 * t_f:.1f} ms, fwd+bwd {1e3 * t_fb:.1f} ms", flush=True)
 
-    print(f"\nscan, B={B} T={T} H={H} M={M} P={P} {cfg.dtype} on {device}\n")
-    print("| scan | fwd ms | fwd+bwd ms | fwd speedup vs naive | fwd+bwd speedup vs naive | tokens/s fwd+bwd | peak MiB |")
+    print(f"\nscan, B={B} T={T} H={H} M={M} P={P} chunk {cfg.chunk_size}, {cfg.dtype} on {device}, {threads} threads, "
+          f"median of {cfg.repeats}; decay 'slot' = g (B,T,H,M) (FM), 'scalar' = g (B,T,H,1) (Mamba-2)\n")
+    print("| scan | decay | fwd ms | fwd+bwd ms | fwd+bwd vs chunked, scalar decay | tokens/s fwd+bwd | peak MiB |")
     print("|---|---|---|---|---|---|---|")
-    base = {r[0]: r for r in rows}['naive']
-    for name, t_f, t_fb, mem in rows:
-        peak = f"{mem / 2**20:.0f}" if mem is not None else "-"
-        print(f"| {name} | {1e3 * t_f:.1f} | {1e3 * t_fb:.1f} | {base[1] / t_f:.1f}x | {base[2] / t_fb:.1f}x "
-              f"| {B * T / t_fb:,.0f} | {peak} |")
+    ref = next(r for r in rows if r['impl'] == 'chunked, scalar decay')['fwd_bwd_ms']
+    for r in rows:
+        peak = f"{r['peak_mib']:.0f}" if r['peak_mib'] is not None else "-"
+        print(f"| {r['impl']} | {r['decay']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_ms'] / ref:.2f}x "
+              f"| {B * T / r['fwd_bwd_ms'] * 1e3:,.0f} | {peak} |")
+    write_json(cfg.json, rows)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# bench.py train
+
+@dataclass
+class TrainBench:
+    device: str = 'cpu'
+    mixers: str = 'fm,fm_sparse,mamba2,attention'   # sizes from config/shakespeare_char_<mixer>.py
+    shapes: str = '256x16,2048x2,4096x1'           # T x batch
+    vocab_size: int = 65
+    warmup: int = 2                      # steps before timing (the first of them compiles with --compile)
+    repeats: int = 5                     # timed steps; the median is reported
+    compile: bool = False                # torch.compile each model (compile time is reported)
+    threads: int = 0                     # torch CPU threads; 0 = torch's default
+    seed: int = 0
+    json: str = ''
+
+
+def train_models(cfg):
+    """{mixer: ModelConfig kwargs}, the model of config/shakespeare_char_<mixer>.py (ModelConfig's
+    defaults, 4 x 128, and 5 layers for attention: equal parameter counts)."""
+    from common import read_config_file
+    keys = ('n_layer', 'n_embd', 'n_head', 'n_slots', 'top_k', 'expand', 'head_dim', 'update_rate', 'chunk_size')
+    out = {}
+    for mixer in [m for m in cfg.mixers.split(',') if m]:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'shakespeare_char_{mixer}.py')
+        if not os.path.exists(path):
+            sys.exit(f"bench.py train: no config/shakespeare_char_{mixer}.py for --mixers={mixer}")
+        values = read_config_file(path)
+        out[mixer] = dict(mixer=mixer, **{k: values[k] for k in keys if k in values})
+    return out
+
+
+def bench_train(cfg):
+    """ms per training step (forward, backward, AdamW step; float32) for each mixer at each (T, batch)."""
+    from model import LM
+    device = pick_device(cfg.device, 'train')
+    threads = set_threads(cfg.threads)
+    shapes = [tuple(int(v) for v in s.split('x')) for s in cfg.shapes.split(',') if s]
+    models = train_models(cfg)
+    print(f"train-step benchmark on {device}, torch {torch.__version__}, {threads} threads, "
+          f"compile={cfg.compile}", flush=True)
+    rows = []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for T, batch in shapes:
+        idx = torch.randint(cfg.vocab_size, (batch, T + 1), generator=gen).to(device)
+        x, y = idx[:, :-1], idx[:, 1:]
+        for mixer, kw in models.items():
+            torch.manual_seed(cfg.seed)
+            model = LM(ModelConfig(vocab_size=cfg.vocab_size, block_size=T, dropout=0.0, **kw)).to(device)
+            params = model.get_num_params()
+            opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
+            run = torch.compile(model) if cfg.compile else model
+            def step():
+                _, loss = run(x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            first_s = time.perf_counter() - t0
+            ms = 1e3 * timed(step, cfg.repeats, device, warmup=cfg.warmup - 1)[0]
+            rows.append({'bench': 'train', 'mixer': mixer, 'T': T, 'batch_size': batch, 'ms_per_step': ms,
+                         'tokens_per_s': batch * T / ms * 1e3, 'first_step_s': first_s, 'params': params,
+                         'n_layer': model.config.n_layer, 'n_embd': model.config.n_embd, 'compile': cfg.compile,
+                         'device': str(device), 'threads': threads, 'torch': torch.__version__})
+            print(f"  T={T:5d} batch {batch:2d} {mixer:9s}: {ms:8.1f} ms/step (first step {first_s:.1f} s)", flush=True)
+            del model, run, opt
+    mixers = list(models)
+    first = {m: next(r for r in rows if r['mixer'] == m) for m in mixers}
+    print(f"\ntraining step (forward, backward, AdamW step), float32 on {device}, {threads} threads, "
+          f"compile={cfg.compile}; median of {cfg.repeats} steps after {cfg.warmup} warm-up steps; models (" +
+          ', '.join(f"{m} {first[m]['n_layer']}x{first[m]['n_embd']}, {first[m]['params'] / 1e6:.2f}M params"
+                    for m in mixers) + ")\n")
+    head = ['T', 'batch'] + [f"{m} ms" for m in mixers]
+    if 'attention' in mixers:
+        head += [f"{m} / attention" for m in mixers if m != 'attention']
+    print('| ' + ' | '.join(head) + ' |')
+    print('|' + '---|' * len(head))
+    at = {(r['mixer'], r['T']): r for r in rows}
+    for T, batch in shapes:
+        cells = [str(T), str(batch)] + [f"{at[m, T]['ms_per_step']:.1f}" for m in mixers]
+        if 'attention' in mixers:
+            cells += [f"{at[m, T]['ms_per_step'] / at['attention', T]['ms_per_step']:.2f}x"
+                      for m in mixers if m != 'attention']
+        print('| ' + ' | '.join(cells) + ' |')
+    if cfg.compile:
+        print("\nfirst step (includes compiling), s: " +
+              ', '.join(f"{r['mixer']} T={r['T']} {r['first_step_s']:.1f}" for r in rows))
+    write_json(cfg.json, rows)
     return rows
 
 
@@ -121,11 +293,11 @@ class DecodeBench:
     contexts: str = '1024,8192,16384'    # positions at which one decoding step is timed
     mixers: str = 'fm,fm_sparse,mamba2,attention'
     # the model, equal width for every mixer (the tiny-Shakespeare configs' size by default)
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    n_slots: int = 64
-    top_k: int = 8
+    n_layer: int = ModelConfig.n_layer
+    n_embd: int = ModelConfig.n_embd
+    n_head: int = ModelConfig.n_head
+    n_slots: int = ModelConfig.n_slots
+    top_k: int = ModelConfig.top_k
     vocab_size: int = 65
     batch_size: int = 1
     warmup: int = 5                      # steps before timing (attention's cache grows here)
@@ -356,7 +528,7 @@ def bench_decode(cfg):
     return rows
 
 
-BENCHES = {'scan': (ScanBench, bench_scan), 'decode': (DecodeBench, bench_decode)}
+BENCHES = {'scan': (ScanBench, bench_scan), 'decode': (DecodeBench, bench_decode), 'train': (TrainBench, bench_train)}
 
 if __name__ == '__main__':
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
