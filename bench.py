@@ -1,9 +1,17 @@
 """
 Benchmarks, each printing its ratios side by side from one run.
 
-    python bench.py scan [--device=cpu] [--B=4 --T=2048 --H=4 --M=64 --P=64 --repeats=3]
-        naive vs chunked (vs Triton on CUDA, and fla's chunk_gla if installed),
-        forward and forward+backward.
+    python bench.py scan [--device=auto] [--B=4 --T=2048 --H=4 --M=64 --P=64] [--dtype=float32|bfloat16]
+                         [--ssd_minimal=PATH] [--naive=False] [--json=PATH]
+        the scans, forward and forward+backward: naive (the recurrence) vs chunked with per-slot
+        decay (FM) vs chunked with scalar decay (Mamba-2); with --ssd_minimal=PATH also Mamba-2's
+        minimal SSD listing (state-spaces/mamba's mamba_ssm/modules/ssd_minimal.py, needs einops);
+        on CUDA also Triton, and fla's chunk_gla and mamba_ssm's mamba_chunk_scan_combined if installed.
+
+    python bench.py train [--shapes=256x16,2048x2,4096x1] [--compile=True] [--json=PATH]
+        ms per training step (forward, backward, AdamW step; float32) of the shakespeare_char models
+        (fm, fm_sparse, mamba2 at 4 x 128; attention at 5 x 128: equal parameters), side by side,
+        and each one's ratio to attention, at each T x batch.
 
     python bench.py decode [--device=cpu] [--contexts=1024,8192,16384] [--json=PATH] [--table=PATH]
         per-token decode latency (median over --tokens steps after --warmup steps) and decoding
@@ -12,7 +20,8 @@ Benchmarks, each printing its ratios side by side from one run.
         dense FM as n_slots grows (--slots=64,...,4096, --slot_top_k=16), for the whole layer
         step and for the scan step alone (scan.scan_step vs scan.scan_step_sparse).
 
-Options are --key=value, parsed by train.parse_config (`python bench.py decode --help` lists them).
+Options are --key=value (`python bench.py train --help` lists them). The model sizes default to
+model.ModelConfig's. Timings on a shared CPU are noisy: compare numbers from one run.
 """
 import json
 import os

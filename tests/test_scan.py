@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import scan
 from scan import scan_chunked, scan_naive, scan_step, scan_step_sparse
 
 B, H, M, P = 2, 3, 16, 8
@@ -59,6 +60,26 @@ def test_chunked_equals_naive_forward_and_grad(T, routing, decay):
     for name, a, b in zip(names, results[1], results[0]):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+def test_chunked_mixes_factored_and_pairwise_diagonal_blocks():
+    """Per-slot decay: a sub-chunk decaying by less than scan.MAX_SPAN nats computes its diagonal
+    block as one matmul through the sub-chunk's start, a faster-decaying one pairwise. Here one head
+    decays by 10 nats a step (pairwise) and the others by at most 0.1 (factored), in one call."""
+    x, g, beta, q = inputs(3 * CHUNK + 5, 'dense', 'weak')
+    g = g * 0.2
+    g[:, :, 0] = -10.0 * beta[:, :, 0] * M                     # routed slots of head 0: ~ -10 nats a step
+    G = scan._chunks(g, CHUNK).cumsum(3).unflatten(3, (1, CHUNK))      # (B,H,n,k=1,L,M)
+    wide = scan._sub_decays(G, torch.zeros_like(G[..., 0, :]))[2]
+    assert wide is not None and wide.any() and not wide.all()
+    S0 = torch.randn(B, H, M, P)
+    leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
+    grads = []
+    for fn in (scan_naive, lambda *a, **kw: scan_chunked(*a, **kw, chunk_size=CHUNK)):
+        y, S = fn(*leaves[:4], initial_state=leaves[4])
+        grads.append([y, S] + list(torch.autograd.grad((y * y).sum() + S.sum(), leaves)))
+    for name, a, b in zip(['y', 'S_final', 'dx', 'dg', 'dbeta', 'dq', 'dS0'], grads[1], grads[0]):
+        assert rel_err(a.detach(), b.detach()) <= 1e-4, name
 
 
 def test_chunked_default_chunk_and_no_initial_state():
