@@ -199,22 +199,33 @@ def test_parse_config_rejects(argv, needle):
 
 
 def test_bad_key_exits_with_one_line():
-    p = run('train.py', '--n_layrs=2', check=False)
+    p = run('train.py', '--n_layrs=2', check=False)   # as a user sees it: one line on stderr, no traceback
     assert_one_line_error(p, "unknown key 'n_layrs'", 'valid keys:', 'n_layer', 'top_k')
-    p = run('train.py', '--mixer=transformer', '--device=cpu', check=False)
-    assert_one_line_error(p, 'mixer')
 
 
-def test_help_lists_keys_with_the_default_run():
-    out = run('train.py', 'config/shakespeare_char_attention.py', '--help').stdout
+def one_line_exit(monkeypatch, *argv):
+    """train.py's SystemExit message, run in this process."""
+    with pytest.raises(SystemExit) as e:
+        train_in_process(monkeypatch, *argv)
+    msg = str(e.value.code)
+    assert '\n' not in msg, msg
+    return msg
+
+
+def test_bad_values_exit_with_one_line(monkeypatch, tmp_path):
+    assert 'mixer' in one_line_exit(monkeypatch, '--mixer=transformer', '--device=cpu')
+    assert 'batch_size=0 must be >= 1' in one_line_exit(monkeypatch, '--batch_size=0')
+    assert 'data/shakespeare/prepare.py' in one_line_exit(
+        monkeypatch, '--dataset=shakespeare', f'--data_dir={tmp_path}', '--device=cpu', f'--out_dir={tmp_path}/o')
+
+
+def test_help_lists_keys_with_the_default_run(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_in_process(monkeypatch, 'config/shakespeare_char_attention.py', '--help')
+    assert e.value.code == 0
+    out = capsys.readouterr().out
     for line in ('--max_iters=1500', "--mixer='attention'", '--n_layer=5', '--n_embd=128', '--peak_flops=0.0'):
         assert line in out, line
-
-
-def test_missing_dataset_names_the_prepare_command(tmp_path):
-    p = run('train.py', '--dataset=shakespeare', f'--data_dir={tmp_path}', '--device=cpu', f'--out_dir={tmp_path}/o',
-            check=False)
-    assert_one_line_error(p, 'data/shakespeare/prepare.py')
 
 
 # --- training, resume, sampling ------------------------------------------------------------
@@ -253,10 +264,16 @@ def test_resume_reproduces_uninterrupted_run(runs):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_sample_prints_requested_length(runs):
-    p = run('sample.py', f"--out_dir={runs['part']}", '--max_new_tokens=40', '--num_samples=2', '--device=cpu',
-            '--start=ROMEO:')
-    samples = p.stdout.split('\n---------------\n')
+def sample_in_process(capsys, *argv):
+    import sample
+    sample.main([*map(str, argv), '--device=cpu'])
+    return capsys.readouterr().out
+
+
+def test_sample_prints_requested_length(runs, capsys):
+    out = sample_in_process(capsys, f"--out_dir={runs['part']}", '--max_new_tokens=40', '--num_samples=2',
+                            '--start=ROMEO:')
+    samples = out.split('\n---------------\n')
     assert len(samples) == 3 and samples[2] == ''
     for s in samples[:2]:
         assert s.startswith('ROMEO:') and len(s) == len('ROMEO:') + 40
@@ -268,33 +285,35 @@ def test_sample_refuses_characters_outside_vocabulary(runs):
     assert "'é'" in err and "'{'" in err
 
 
-def test_prompt_from_file(runs, tmp_path):
+def test_prompt_from_file(runs, tmp_path, capsys):
     (tmp_path / 'prompt.txt').write_text('JULIET:\n')
-    p = run('sample.py', f"--out_dir={runs['part']}", '--max_new_tokens=5', '--num_samples=1', '--device=cpu',
-            f"--start=FILE:{tmp_path / 'prompt.txt'}")
-    assert p.stdout.startswith('JULIET:\n')
+    out = sample_in_process(capsys, f"--out_dir={runs['part']}", '--max_new_tokens=5', '--num_samples=1',
+                            f"--start=FILE:{tmp_path / 'prompt.txt'}")
+    assert out.startswith('JULIET:\n')
 
 
-def test_corrupt_or_foreign_checkpoint_is_refused(runs, data_dir, tmp_path):
+def test_corrupt_or_foreign_checkpoint_is_refused(runs, data_dir, tmp_path, monkeypatch):
+    """train.py (as a user runs it) and sample.py (here) load checkpoints with common.load_checkpoint."""
+    import sample
     good = (runs['part'] / 'ckpt.pt').read_bytes()
-    cases = {'truncated': good[:len(good) // 2], 'garbage': b'not a checkpoint at all' * 100}
-    for name, blob in cases.items():
+    cases = {'truncated': (good[:len(good) // 2], 'not a readable checkpoint'),
+             'garbage': (b'not a checkpoint at all' * 100, 'not a readable checkpoint'),
+             'foreign': (None, 'not a checkpoint of this project'), 'missing': (None, 'no checkpoint at')}
+    for name, (blob, needle) in cases.items():
         d = tmp_path / name
-        d.mkdir()
-        (d / 'ckpt.pt').write_bytes(blob)
-        if name == 'truncated':   # train.py and sample.py load checkpoints with the same function
+        if name != 'missing':
+            d.mkdir()
+        if blob is not None:
+            (d / 'ckpt.pt').write_bytes(blob)
+        if name == 'foreign':
+            torch.save({'model': {}, 'iter_num': 3}, d / 'ckpt.pt')   # e.g. a nanoGPT checkpoint
+        if name == 'truncated':
             p = run('train.py', *TINY, f'--data_dir={data_dir}', f'--out_dir={d}', '--max_iters=40',
                     '--init_from=resume', check=False)
-            assert_one_line_error(p, 'not a readable checkpoint')
-        p = run('sample.py', f'--out_dir={d}', '--device=cpu', check=False)
-        assert_one_line_error(p, 'not a readable checkpoint')
-    d = tmp_path / 'foreign'
-    d.mkdir()
-    torch.save({'model': {}, 'iter_num': 3}, d / 'ckpt.pt')   # e.g. a nanoGPT checkpoint
-    p = run('sample.py', f'--out_dir={d}', '--device=cpu', check=False)
-    assert_one_line_error(p, 'not a checkpoint of this project')
-    p = run('sample.py', f'--out_dir={tmp_path / "missing"}', '--device=cpu', check=False)
-    assert_one_line_error(p, 'no checkpoint at')
+            assert_one_line_error(p, needle)
+        with pytest.raises(SystemExit) as e:
+            sample.main([f'--out_dir={d}', '--device=cpu'])
+        assert needle in str(e.value.code) and '\n' not in str(e.value.code), name
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -398,5 +417,6 @@ def test_reproduce_two_configs(data_dir, tmp_path):
     summary = (res / 'summary.md').read_text()
     assert 'Trained 6 of 6 iterations per config' in summary and '| tiny_mamba2 | mamba2 |' in summary
     assert json.loads((res / 'reproduce.json').read_text())['iters'] == 6
-    p = run('reproduce.py', '--configs=config/nothing.py', check=False)
-    assert_one_line_error(p, 'no config file config/nothing.py')
+    import reproduce
+    with pytest.raises(SystemExit, match='no config file config/nothing.py'):
+        reproduce.main(['--configs=config/nothing.py'])
