@@ -129,7 +129,8 @@ def main(argv=None):
     while reached < total:
         target = min(total, reached + step)
         elapsed = (time.time() - t_start) / 60
-        if last_round and cfg.train_minutes and elapsed + last_round * (target - reached) / step / 60 > cfg.train_minutes:
+        next_round = last_round * (target - reached) / step / 60 if last_round else 0.0   # minutes
+        if next_round and cfg.train_minutes and elapsed + next_round > cfg.train_minutes:
             log(f"[reproduce] stopping training at {reached} of {total} iterations: another round, as long as "
                 f"the last, would end past --train_minutes={cfg.train_minutes:g} ({elapsed:.1f} min so far)")
             break
@@ -139,13 +140,15 @@ def main(argv=None):
                 continue
             resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
             os.makedirs(out_dir, exist_ok=True)
-            cmd = [py, script('train.py'), conf, f'--out_dir={out_dir}', f'--max_iters={target}', f'--lr_decay_iters={total}',
-                   f'--init_from={"resume" if resume else "scratch"}'] + shlex.split(cfg.train_args)
+            cmd = [py, script('train.py'), conf, f'--out_dir={out_dir}', f'--max_iters={target}',
+                   f'--lr_decay_iters={total}', f'--init_from={"resume" if resume else "scratch"}']
+            cmd += shlex.split(cfg.train_args)
             timings[f'train {name}'] = timings.get(f'train {name}', 0.0) + \
                 run_logged(cmd, os.path.join(out_dir, f'train_{target}.log'))
         last_round = time.time() - t_round
         reached = target
-        log(f"[reproduce] every config at iteration {reached} of {total} ({(time.time() - t_start) / 60:.1f} min so far)")
+        log(f"[reproduce] every config at iteration {reached} of {total} "
+            f"({(time.time() - t_start) / 60:.1f} min so far)")
     timings['train (all)'] = time.time() - t_start
 
     # --- 2. evaluate beyond the training context ---

@@ -60,7 +60,8 @@ class TrainConfig:
     min_lr: float = 2e-4                 #   extending a run with resume keeps the schedule)
     # system
     device: str = 'auto'                 # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-    dtype: str = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'float32' | 'bfloat16' | 'float16'
+    dtype: str = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'float32' | 'bfloat16'
+                                         #   | 'float16'
     compile: bool = False                # torch.compile the model
     peak_flops: float = 0.0              # per device, for MFU; 0 = known GPUs' bf16 peak (else no MFU)
     seed: int = 1337
@@ -136,13 +137,31 @@ def get_lr(it, cfg):
 
 
 # -----------------------------------------------------------------------------
-# config: TrainConfig and ModelConfig defaults, then config files and --key=value
+# config: TrainConfig and ModelConfig defaults < config files < --key=value (< the checkpoint, on resume)
 
 cfg = TrainConfig()
 explicit = parse_config(cfg, sys.argv[1:], extra=ModelConfig, prog='train.py')
 model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
 model_args = {k: v for k, v in explicit.items() if k in model_keys}
 cfg.validate()
+# a resumed run takes its model, and every key not given on this command line, from its checkpoint
+ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+ckpt = None
+if cfg.init_from == 'resume':
+    ckpt = load_checkpoint(ckpt_path)
+    for k, v in ckpt['config'].items():
+        if hasattr(cfg, k) and k not in explicit and k not in RUNTIME_KEYS:
+            setattr(cfg, k, v)
+    ignored = [k for k in model_args if k not in RESUME_MODEL_OVERRIDES and model_args[k] != ckpt['model_args'].get(k)]
+    if ignored and int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: resuming keeps the checkpoint's model; ignoring "
+              f"{', '.join(f'--{k}={model_args[k]}' for k in ignored)}")
+    model_args = {**ckpt['model_args'], **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES if k in model_args}}
+    cfg.validate()
+try:   # check the model's keys before any data work, and fill in the defaults
+    model_args = dataclasses.asdict(ModelConfig(**model_args))
+except (TypeError, ValueError) as e:
+    raise SystemExit(f"train.py: {'the checkpoint model config: ' if ckpt else ''}{first_line(e)}")
 
 # -----------------------------------------------------------------------------
 # processes and devices: one per GPU (or several on CPU) under torchrun
@@ -178,26 +197,6 @@ def stop(msg):
 
 
 # -----------------------------------------------------------------------------
-# resume: the checkpoint supplies the model and every key not given on this command line
-
-ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-ckpt = None
-if cfg.init_from == 'resume':
-    ckpt = load_checkpoint(ckpt_path)
-    for k, v in ckpt['config'].items():
-        if hasattr(cfg, k) and k not in explicit and k not in RUNTIME_KEYS:
-            setattr(cfg, k, v)
-    ignored = [k for k in model_args if k not in RESUME_MODEL_OVERRIDES and model_args[k] != ckpt['model_args'].get(k)]
-    if ignored:
-        log(f"note: resuming keeps the checkpoint's model; ignoring {', '.join(f'--{k}={model_args[k]}' for k in ignored)}")
-    model_args = {**ckpt['model_args'], **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES if k in model_args}}
-    cfg.validate()
-try:   # check the model's keys before any data work, and fill in the defaults
-    model_args = dataclasses.asdict(ModelConfig(**model_args))
-except (TypeError, ValueError) as e:
-    raise SystemExit(f"train.py: {'the checkpoint model config: ' if ckpt else ''}{first_line(e)}")
-
-# -----------------------------------------------------------------------------
 # data: data_dir/dataset/{train,val}.bin, uint16 tokens, and meta.pkl
 
 if master:
@@ -224,7 +223,7 @@ for path in splits.values():
                          f"block_size+1={block_size + 1}; use a smaller block_size or a longer text")
 
 # -----------------------------------------------------------------------------
-# model and optimizer, from scratch or from the checkpoint
+# model and optimizer: new, or the checkpoint's (weights, optimizer state, iteration, RNG)
 
 torch.manual_seed(cfg.seed)   # the same initial weights on every rank
 dtype = resolve_dtype(cfg.dtype, device)

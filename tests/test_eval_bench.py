@@ -52,7 +52,8 @@ def make_checkpoint(out_dir, mixer, data_dir, world_size=1):
 
 def test_eval_smoke(tmp_path):
     data_dir = make_dataset(tmp_path)
-    runs = [make_checkpoint(str(tmp_path / m), m, data_dir, world_size=w) for m, w in (('fm_sparse', 1), ('attention', 2))]
+    runs = [make_checkpoint(str(tmp_path / m), m, data_dir, world_size=w)
+            for m, w in (('fm_sparse', 1), ('attention', 2))]
     res = tmp_path / 'res'
     fm_eval.main([f'--out_dirs={",".join(runs)}', '--lengths=1,2', '--eval_tokens=256', '--threads=1',
                   f'--table={res / "eval.md"}', f'--plot={res / "eval.png"}', f'--json={res / "eval.json"}'])

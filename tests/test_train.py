@@ -238,7 +238,8 @@ def test_train_writes_log_and_checkpoint(runs):
     assert [r['iter'] for r in steps] == list(range(30))
     assert [r['iter'] for r in evals] == [0, 10, 20, 30]     # the resumed run does not re-evaluate iter 20
     assert all({'lr', 'ms_per_iter', 'tokens_per_s', 'mfu'} <= set(r) for r in steps)
-    cfg = ModelConfig(mixer='fm_sparse', n_layer=2, n_embd=64, block_size=64, vocab_size=len(set(play_text(TEXT_CHARS))))
+    vocab = len(set(play_text(TEXT_CHARS)))
+    cfg = ModelConfig(mixer='fm_sparse', n_layer=2, n_embd=64, block_size=64, vocab_size=vocab)
     flops = model.LM(cfg).flops_per_token(64)
     for r in steps:   # MFU: model FLOPs per second over the peak (--peak_flops=1e12)
         assert r['mfu'] == pytest.approx(flops * r['tokens_per_s'] / 1e12, rel=1e-3, abs=1e-5)
