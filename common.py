@@ -105,10 +105,9 @@ def parse_config(config, argv, extra=None, prog=None):
 
     for arg in argv:
         if arg in ('-h', '--help'):
-            print(f"usage: {prog} [config_file.py ...] [--key=value ...]")
-            for k, t in hints.items():
-                print(f"  --{k}={getattr(config, k) if k in own else explicit.get(k, defaults.get(k))!r}  "
-                      f"({_type_name(t)})")
+            values = {k: getattr(config, k) if k in own else explicit.get(k, defaults.get(k)) for k in hints}
+            print(f"usage: {prog} [config_file.py ...] [--key=value ...]\n"
+                  + '\n'.join(f"  --{k}={values[k]!r}  ({_type_name(t)})" for k, t in hints.items()))
             raise SystemExit(0)
         if arg.startswith('--'):
             key, eq, raw = arg[2:].partition('=')

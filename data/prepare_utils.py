@@ -44,7 +44,8 @@ def read_text(input_path, url, out_dir):
             text = r.read().decode('utf-8')
     except Exception as e:  # noqa: BLE001 - any network failure is reported the same way
         reason = getattr(e, 'reason', None) or e
-        sys.exit(f"could not download {url} ({reason}); pass --input PATH to a local copy")
+        sys.exit(f"could not download {url} ({reason}); with a local copy of the text, run: "
+                 f"python {' '.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])} --input PATH")
     os.makedirs(out_dir, exist_ok=True)
     with open(cached, 'w', encoding='utf-8') as f:
         f.write(text)
