@@ -421,3 +421,5 @@ def test_reproduce_two_configs(data_dir, tmp_path):
     import reproduce
     with pytest.raises(SystemExit, match='no config file config/nothing.py'):
         reproduce.main(['--configs=config/nothing.py'])
+    # a config that does not set max_iters trains for train.py's default
+    assert reproduce.config_max_iters('config/shakespeare_char_fm.py') == 1500
