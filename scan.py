@@ -16,6 +16,8 @@ Shapes (the contract every scan here and in kernels.py follows):
     initial_state (B, H, M, P)  optional, float32
 returns y (B, T, H, P) in x's dtype and the final state (B, H, M, P) in float32.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -204,34 +206,50 @@ def _sub_boundaries(G):
     return G_end, G_r
 
 
-MAX_SPAN = 60.0  # nats: a sub-chunk decaying less than this factors its diagonal block (e^{60} ~ 1e26)
+MAX_SPAN = 60.0  # nats: a sub-chunk decaying by less factors its diagonal block (e^{60} ~ 1e26 < fp32 max)
 
 
-def _sub_decays(G, G_r):
-    """G (B,H,n,k,L,M), G_r (B,H,n,k,M) -> from_r = e^{G_a - G_r} (<= 1), to_r = e^{G_r - G_a} (>= 1,
-    clamped at e^{MAX_SPAN}), and `wide`, the sub-chunks (B,H,n,k) bool whose decay over their L steps
-    passes MAX_SPAN on some slot (None if there are none)."""
-    d = G - G_r[..., None, :]                                          # <= 0
-    span = -d[..., -1, :].amin(-1)                                     # max over the slots of G_r - G_r'
-    wide = span > MAX_SPAN
-    return torch.exp(d), torch.exp(d.neg().clamp_(max=MAX_SPAN)), (wide if wide.any() else None)
+def _sub_decays(G, L):
+    """G (B,H,n,C,M), cumulative within each chunk -> the decays of stage 3 by sub-chunks of L:
+        G_ (B,H,n,k,L,M)   G by sub-chunk (k = C/L)
+        G_r, G_end (B,H,n,k,M)   G at the step before sub-chunk a (0 at a = 0) and at its last step r'
+        from_r = e^{G_a - G_r},  to_end = e^{G_r' - G_a}   (B,H,n,k,L,M), both <= 1
+        decay = e^{G_r' - G_r}   (B,H,n,k,M): the whole sub-chunk's decay
+        wide (B,H,n,k) bool, or None: the sub-chunks that decay by more than MAX_SPAN on some slot."""
+    B, H, n, C, M = G.shape
+    G_ = G.view(B, H, n, C // L, L, M)
+    G_end, G_r = _sub_boundaries(G_)
+    from_r = torch.exp(G_ - G_r[..., None, :])
+    to_end = torch.exp(G_end[..., None, :] - G_)
+    wide = (G_r - G_end).amax(-1) > MAX_SPAN
+    return G_, G_r, G_end, from_r, to_end, torch.exp(G_end - G_r), (wide if wide.any() else None)
 
 
 def _diagonal(q_from, b_to, G, q, beta, wide):
     """The diagonal blocks A_a[t,s] = sum_i q_ti beta_si e^{G_ti - G_si} (s <= t in sub-chunk a),
     (B,H,n,k,L,L). Through the boundary r before the sub-chunk, e^{G_ti - G_si} = e^{G_ti - G_ri} *
-    e^{G_ri - G_si}, so A_a = (q * e^{G - G_r}) (beta * e^{G_r - G})^T, one matmul: exact while the
-    second factor stays finite, i.e. while the sub-chunk decays by less than MAX_SPAN nats (~88 would
-    overflow fp32). The `wide` sub-chunks, which decay by more, are computed pairwise instead."""
+    e^{G_ri - G_si}, so A_a = (q * e^{G - G_r}) (beta * e^{G_r - G})^T = q_from b_to^T, one matmul:
+    exact while the second factor stays finite, i.e. while the sub-chunk decays by less than
+    MAX_SPAN nats (~88 would overflow fp32). The `wide` sub-chunks, which decay by more, are
+    computed pairwise instead (never a positive exponent: e^{G_ti - G_si} with s <= t)."""
     A = (q_from @ b_to.transpose(-1, -2)).tril_()
     if wide is not None:
         A[wide] = (_pairwise(G[wide]).mul_(beta[wide][:, None, :, :]) @ q[wide][..., None])[..., 0]
     return A
 
 
+def _to_r(b_end, decay):
+    """beta * e^{G_r - G_a} = (beta * e^{G_r' - G_a}) / e^{G_r' - G_r}: exact where the sub-chunk decays
+    by less than MAX_SPAN; the divisor is clamped so that wide sub-chunks (recomputed pairwise) stay finite."""
+    return b_end / decay.clamp(min=math.exp(-MAX_SPAN))[..., None, :]
+
+
 class _ScanSlots(torch.autograd.Function):
     """Per-slot decay (FM): the three stages, forward and backward, as kernels.py computes them.
 
+    Forward, stage 3 by sub-chunks a of L steps (r = the step before a, r' = its last step):
+        W_0 = S_in[c],   W_{a+1} = e^{G_r' - G_r} * W_a + (beta_a * e^{G_r' - G_a})^T x_a
+        y_a = (q_a * e^{G_a - G_r}) W_a + A_a x_a            (A_a: _diagonal)
     Backward: the adjoint D_t = dL/dS_t runs the recurrence in reverse,
         D_t = e^{g_{t+1}} * D_{t+1} + q_t dy_t^T,   dx_t = D_t^T beta_t,   dbeta_t = D_t x_t,
     i.e. the forward stages with q and beta, x and dy swapped and time reversed:
@@ -239,10 +257,11 @@ class _ScanSlots(torch.autograd.Function):
         2. E[c] = D; D = e^{G_C} * D + dD_c, c = n-1..0 from D = dS_final; dS_initial = the last D
         3. per sub-chunk a, from the last, with V the adjoint at its last step r' (V = E[c] at a = k-1):
              dx_a    = (beta_a * e^{G_r' - G_a}) V + A_a^T dy_a
-             dbeta_a = e^{G_r' - G_a} * (x_a V^T) + [sum_{t>=s in a} (dy_t . x_s) q_ti e^{G_ti - G_si}]_si
+             dbeta_a = e^{G_r' - G_a} * (x_a V^T) + [sum_{t>=s in a} Q[t,s] q_ti e^{G_ti - G_si}]_si
              V      <- e^{G_r' - G_r} * V + (q_a * e^{G_a - G_r})^T dy_a
            and dq_t = S_t dy_t reads the forward's W:
-             dq_a    = e^{G_a - G_r} * (dy_a W_a^T) + [sum_{s<=t in a} (dy_t . x_s) beta_si e^{G_ti - G_si}]_ti
+             dq_a    = e^{G_a - G_r} * (dy_a W_a^T) + [sum_{s<=t in a} Q[t,s] beta_si e^{G_ti - G_si}]_ti
+        with Q[t,s] = dy_t . x_s; the bracketed diagonal terms factor through r as A_a does.
     The decay needs no sweep of its own: with G the per-step cumulative sum,
         dG_t = q_t * dq_t - beta_t * dbeta_t  (+ sum_p S_final * dS_final at the last step),
         dg_t = sum_{t' >= t} dG_t'.
@@ -253,71 +272,72 @@ class _ScanSlots(torch.autograd.Function):
         B, T, H, P = x.shape
         xc, bc, qc = _chunks(x, C), _chunks(beta, C), _chunks(q, C)   # (B,H,n,C,.)
         G = _chunks(g, C).cumsum(3)                                   # (B,H,n,C,M)
+        n, k, M = G.shape[2], C // L, G.shape[-1]
+        sub = lambda t: t.view(B, H, n, k, L, t.shape[-1])            # (B,H,n,k,L,.)
+        x_, b_, q_ = sub(xc), sub(bc), sub(qc)
+        G_, G_r, G_end, from_r, to_end, decay, wide = _sub_decays(G, L)
+        b_end = b_ * to_end                                           # beta * e^{G_r' - G}
         G_C = G[:, :, :, -1]                                          # (B,H,n,M)
-        # 1. chunk state: dS_c = (beta * e^{G_C - G})^T x
-        dS = (bc * torch.exp(G_C[:, :, :, None] - G)).transpose(-1, -2) @ xc    # (B,H,n,M,P)
+        # 1. chunk state: dS_c = (beta * e^{G_C - G})^T x, with e^{G_C - G} = e^{G_C - G_r'} e^{G_r' - G}
+        b_C = b_end * torch.exp(G_C[:, :, :, None] - G_end)[..., None, :]
+        dS = b_C.view(B, H, n, C, M).transpose(-1, -2) @ xc           # (B,H,n,M,P)
         # 2. state pass
         S_in, S_final = _state_pass(dS, G_C, S0)
         # 3. chunk output, by sub-chunks of L
-        n, k = G.shape[2], C // L
-        sub = lambda t: t.view(B, H, n, k, L, t.shape[-1])            # (B,H,n,k,L,.)
-        x_, G_, b_, q_ = sub(xc), sub(G), sub(bc), sub(qc)
-        G_end, G_r = _sub_boundaries(G_)                              # (B,H,n,k,M)
-        Z = (b_ * torch.exp(G_end[..., None, :] - G_)).transpose(-1, -2) @ x_   # (B,H,n,k,M,P)
-        decay = torch.exp(G_end - G_r)[..., None]                     # (B,H,n,k,M,1)
+        Z = b_end.transpose(-1, -2) @ x_                              # (B,H,n,k,M,P)
         W = torch.empty_like(Z)                                       # W_a, the state entering sub-chunk a
         W[:, :, :, 0] = S_in
         for a in range(k - 1):
-            W[:, :, :, a + 1] = torch.addcmul(Z[:, :, :, a], decay[:, :, :, a], W[:, :, :, a])
-        from_r, to_r, wide = _sub_decays(G_, G_r)
-        A = _diagonal(q_ * from_r, b_ * to_r, G_, q_, b_, wide)       # (B,H,n,k,L,L) [t,s]
-        y = (q_ * from_r) @ W + A @ x_                                # (B,H,n,k,L,P)
-        ctx.save_for_backward(xc, G, bc, qc, W, A, S_final)
+            W[:, :, :, a + 1] = torch.addcmul(Z[:, :, :, a], decay[:, :, :, a, :, None], W[:, :, :, a])
+        q_from = q_ * from_r                                          # q * e^{G - G_r}
+        A = _diagonal(q_from, _to_r(b_end, decay), G_, q_, b_, wide)  # (B,H,n,k,L,L) [t,s]
+        y = q_from @ W + A @ x_                                       # (B,H,n,k,L,P)
+        ctx.save_for_backward(xc, G, bc, qc, W, A, S_final, from_r, to_end)
         ctx.shape = (T, L, g.dtype, beta.dtype, q.dtype)
         return _unchunk(y.view(B, H, n, C, P), T).to(x.dtype), S_final
 
     @staticmethod
     def backward(ctx, dy, dS_final):
-        xc, G, bc, qc, W, A, S_final = ctx.saved_tensors
+        xc, G, bc, qc, W, A, S_final, from_r, to_end = ctx.saved_tensors
         T, L, g_dtype, beta_dtype, q_dtype = ctx.shape
         B, H, n, C, P = xc.shape
-        k = C // L
-        dyc = _chunks(dy, C)
-        dS_final = dS_final.float()
-        G_C = G[:, :, :, -1]
-        # 1. dD_c = (q * e^{G})^T dy
-        dD = (qc * torch.exp(G)).transpose(-1, -2) @ dyc              # (B,H,n,M,P)
-        # 2. reverse state pass
-        E, dS0 = _state_pass(dD, G_C, dS_final, reverse=True)
-        # 3. sub-chunk sweeps
+        k, M = C // L, G.shape[-1]
         sub = lambda t: t.view(B, H, n, k, L, t.shape[-1])
-        x_, G_, b_, q_, dy_ = sub(xc), sub(G), sub(bc), sub(qc), sub(dyc)
+        dyc = _chunks(dy, C)
+        x_, b_, q_, dy_ = sub(xc), sub(bc), sub(qc), sub(dyc)
+        G_ = sub(G)
         G_end, G_r = _sub_boundaries(G_)
-        to_end = torch.exp(G_end[..., None, :] - G_)                  # e^{G_r' - G_a}  (B,H,n,k,L,M)
-        from_r, to_r, wide = _sub_decays(G_, G_r)
-        Zd = (q_ * from_r).transpose(-1, -2) @ dy_                    # (B,H,n,k,M,P)
-        decay = torch.exp(G_end - G_r)[..., None]
-        V = torch.empty_like(Zd)                                      # V_a, the adjoint at a's last step
+        decay = torch.exp(G_end - G_r)
+        wide = (G_r - G_end).amax(-1) > MAX_SPAN
+        wide = wide if wide.any() else None
+        dS_final = dS_final.float()
+        q_from, b_end = q_ * from_r, b_ * to_end
+        # 1. dD_c = (q * e^{G})^T dy, with e^{G} = e^{G_r} e^{G - G_r}
+        q_G = q_from * torch.exp(G_r)[..., None, :]
+        dD = q_G.view(B, H, n, C, M).transpose(-1, -2) @ dyc          # (B,H,n,M,P)
+        # 2. reverse state pass
+        E, dS0 = _state_pass(dD, G[:, :, :, -1], dS_final, reverse=True)
+        # 3. the sweeps: V_a, the adjoint at a's last step
+        Zd = q_from.transpose(-1, -2) @ dy_                           # (B,H,n,k,M,P)
+        V = torch.empty_like(Zd)
         V[:, :, :, k - 1] = E
         for a in range(k - 1, 0, -1):
-            V[:, :, :, a - 1] = torch.addcmul(Zd[:, :, :, a], decay[:, :, :, a], V[:, :, :, a])
-        dx = (b_ * to_end) @ V + A.transpose(-1, -2) @ dy_            # (B,H,n,k,L,P)
-        dbeta = to_end * (x_ @ V.transpose(-1, -2))                   # (B,H,n,k,L,M)
-        dq = from_r * (dy_ @ W.transpose(-1, -2))
-        # diagonal blocks: Q[t,s] = dy_t . x_s (s <= t) takes the place of x_s in y_t
-        Q = (dy_ @ x_.transpose(-1, -2)).tril_()                      # (B,H,n,k,L,L)
-        dq_d = from_r * (Q @ (b_ * to_r))                             # sum_s Q[t,s] beta_si e^{G_ti - G_si}
-        dbeta_d = to_r * (Q.transpose(-1, -2) @ (q_ * from_r))        # sum_t Q[t,s] q_ti e^{G_ti - G_si}
-        if wide is not None:                                          # pairwise where to_r could overflow
+            V[:, :, :, a - 1] = torch.addcmul(Zd[:, :, :, a], decay[:, :, :, a, :, None], V[:, :, :, a])
+        dx = b_end @ V + A.transpose(-1, -2) @ dy_                    # (B,H,n,k,L,P)
+        Q = (dy_ @ x_.transpose(-1, -2)).tril_()                      # (B,H,n,k,L,L) [t,s] dy_t . x_s
+        xV, dyW = x_ @ V.transpose(-1, -2), dy_ @ W.transpose(-1, -2)  # (B,H,n,k,L,M)
+        inv = 1 / decay.clamp(min=math.exp(-MAX_SPAN))[..., None, :]
+        # dbeta = e^{G_r' - G} (x V^T + e^{G_r - G_r'} Q^T q_from);  dq = e^{G - G_r} (dy W^T + Q b_to)
+        dbeta = to_end * torch.addcmul(xV, Q.transpose(-1, -2) @ q_from, inv)
+        dq = from_r * (dyW + Q @ (b_end * inv))
+        if wide is not None:                                          # pairwise where the factoring could overflow
             K = _pairwise(G_[wide]).mul_(Q[wide][..., None])          # (nw,L,L,M) [t,s,i]
-            dq_d[wide] = (K * b_[wide][:, None, :, :]).sum(-2)
-            dbeta_d[wide] = K.mul_(q_[wide][:, :, None, :]).sum(-3)
-        dq += dq_d
-        dbeta += dbeta_d
+            dq[wide] = from_r[wide] * dyW[wide] + (K * b_[wide][:, None, :, :]).sum(-2)
+            dbeta[wide] = to_end[wide] * xV[wide] + K.mul_(q_[wide][:, :, None, :]).sum(-3)
         # the decay: dG = q dq - beta dbeta (+ S_final dS_final at step T), dg = reverse cumsum
-        dG = _unchunk((qc * dq.view_as(qc) - bc * dbeta.view_as(bc)), T)  # (B,T,H,M)
+        dG = _unchunk(torch.addcmul(qc * dq.view_as(qc), bc, dbeta.view_as(bc), value=-1), T)  # (B,T,H,M)
         dG[:, T - 1] += (S_final * dS_final).sum(-1)
         dg = dG.flip(1).cumsum(1).flip(1)
         return (_unchunk(dx.view(B, H, n, C, P), T).to(dy.dtype), dg.to(g_dtype),
-                _unchunk(dbeta.view(B, H, n, C, -1), T).to(beta_dtype),
-                _unchunk(dq.view(B, H, n, C, -1), T).to(q_dtype), dS0, None, None)
+                _unchunk(dbeta.view(B, H, n, C, M), T).to(beta_dtype),
+                _unchunk(dq.view(B, H, n, C, M), T).to(q_dtype), dS0, None, None)

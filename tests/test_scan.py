@@ -69,8 +69,7 @@ def test_chunked_mixes_factored_and_pairwise_diagonal_blocks():
     x, g, beta, q = inputs(3 * CHUNK + 5, 'dense', 'weak')
     g = g * 0.2
     g[:, :, 0] = -10.0 * beta[:, :, 0] * M                     # routed slots of head 0: ~ -10 nats a step
-    G = scan._chunks(g, CHUNK).cumsum(3).unflatten(3, (1, CHUNK))      # (B,H,n,k=1,L,M)
-    wide = scan._sub_decays(G, torch.zeros_like(G[..., 0, :]))[2]
+    wide = scan._sub_decays(scan._chunks(g, CHUNK).cumsum(3), scan.SUB_CHUNK)[-1]   # (B,H,n,k) or None
     assert wide is not None and wide.any() and not wide.all()
     S0 = torch.randn(B, H, M, P)
     leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
