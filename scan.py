@@ -244,6 +244,13 @@ def _to_r(b_end, decay):
     return b_end / decay.clamp(min=math.exp(-MAX_SPAN))[..., None, :]
 
 
+def _add_mm(out, a, b):
+    """out += a @ b over the leading (batch) axes, accumulated by the matmul itself (no extra pass).
+    out is a fresh contiguous tensor (...,I,J); a (...,I,K), b (...,K,J)."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out
+
+
 class _ScanSlots(torch.autograd.Function):
     """Per-slot decay (FM): the three stages, forward and backward, as kernels.py computes them.
 
@@ -288,10 +295,10 @@ class _ScanSlots(torch.autograd.Function):
         W = torch.empty_like(Z)                                       # W_a, the state entering sub-chunk a
         W[:, :, :, 0] = S_in
         for a in range(k - 1):
-            W[:, :, :, a + 1] = torch.addcmul(Z[:, :, :, a], decay[:, :, :, a, :, None], W[:, :, :, a])
+            torch.addcmul(Z[:, :, :, a], decay[:, :, :, a, :, None], W[:, :, :, a], out=W[:, :, :, a + 1])
         q_from = q_ * from_r                                          # q * e^{G - G_r}
         A = _diagonal(q_from, _to_r(b_end, decay), G_, q_, b_, wide)  # (B,H,n,k,L,L) [t,s]
-        y = q_from @ W + A @ x_                                       # (B,H,n,k,L,P)
+        y = _add_mm(q_from @ W, A, x_)                                # (B,H,n,k,L,P)
         ctx.save_for_backward(xc, G, bc, qc, W, A, S_final, from_r, to_end)
         ctx.shape = (T, L, g.dtype, beta.dtype, q.dtype)
         return _unchunk(y.view(B, H, n, C, P), T).to(x.dtype), S_final
@@ -322,14 +329,14 @@ class _ScanSlots(torch.autograd.Function):
         V = torch.empty_like(Zd)
         V[:, :, :, k - 1] = E
         for a in range(k - 1, 0, -1):
-            V[:, :, :, a - 1] = torch.addcmul(Zd[:, :, :, a], decay[:, :, :, a, :, None], V[:, :, :, a])
-        dx = b_end @ V + A.transpose(-1, -2) @ dy_                    # (B,H,n,k,L,P)
+            torch.addcmul(Zd[:, :, :, a], decay[:, :, :, a, :, None], V[:, :, :, a], out=V[:, :, :, a - 1])
+        dx = _add_mm(b_end @ V, A.transpose(-1, -2), dy_)             # (B,H,n,k,L,P)
         Q = (dy_ @ x_.transpose(-1, -2)).tril_()                      # (B,H,n,k,L,L) [t,s] dy_t . x_s
         xV, dyW = x_ @ V.transpose(-1, -2), dy_ @ W.transpose(-1, -2)  # (B,H,n,k,L,M)
-        inv = 1 / decay.clamp(min=math.exp(-MAX_SPAN))[..., None, :]
-        # dbeta = e^{G_r' - G} (x V^T + e^{G_r - G_r'} Q^T q_from);  dq = e^{G - G_r} (dy W^T + Q b_to)
-        dbeta = to_end * torch.addcmul(xV, Q.transpose(-1, -2) @ q_from, inv)
-        dq = from_r * (dyW + Q @ (b_end * inv))
+        inv = 1 / decay.clamp(min=math.exp(-MAX_SPAN))[..., None, :]  # e^{G_r - G_r'}
+        # dbeta = e^{G_r' - G} (x V^T + Q^T (q_from e^{G_r - G_r'}));  dq = e^{G - G_r} (dy W^T + Q b_to)
+        dbeta = _add_mm(xV.clone() if wide is not None else xV, Q.transpose(-1, -2), q_from * inv).mul_(to_end)
+        dq = _add_mm(dyW.clone() if wide is not None else dyW, Q, b_end * inv).mul_(from_r)
         if wide is not None:                                          # pairwise where the factoring could overflow
             K = _pairwise(G_[wide]).mul_(Q[wide][..., None])          # (nw,L,L,M) [t,s,i]
             dq[wide] = from_r[wide] * dyW[wide] + (K * b_[wide][:, None, :, :]).sum(-2)
