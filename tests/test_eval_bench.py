@@ -121,3 +121,20 @@ def test_bench_decode_cli(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), 'decode', '--nonsense=1'],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode != 0 and 'nonsense' in bad.stderr
+
+
+def test_bench_scan_and_train_smoke(tmp_path):
+    scan_path, train_path = tmp_path / 'scan.json', tmp_path / 'train.json'
+    bench.bench_scan(bench.ScanBench(device='cpu', B=1, T=40, H=2, M=8, P=4, chunk_size=16, repeats=1,
+                                     json=str(scan_path)))
+    rows = json.loads(scan_path.read_text())
+    assert {(r['impl'], r['decay']) for r in rows} == {
+        ('naive', 'slot'), ('chunked', 'slot'), ('chunked, scalar decay', 'scalar')}
+    assert all(r['fwd_ms'] > 0 and r['fwd_bwd_ms'] > 0 and r['T'] == 40 for r in rows)
+    bench.bench_train(bench.TrainBench(shapes='32x2', mixers='fm_sparse,attention', warmup=1, repeats=1,
+                                       json=str(train_path)))
+    rows = json.loads(train_path.read_text())
+    assert {(r['mixer'], r['T'], r['batch_size']) for r in rows} == {('fm_sparse', 32, 2), ('attention', 32, 2)}
+    at = {r['mixer']: r for r in rows}
+    assert at['attention']['n_layer'] == 5 and at['fm_sparse']['n_layer'] == 4   # the shakespeare_char sizes
+    assert all(r['ms_per_step'] > 0 for r in rows)
