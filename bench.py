@@ -209,7 +209,7 @@ class TrainBench:
     mixers: str = 'fm,fm_sparse,mamba2,attention'   # sizes from config/shakespeare_char_<mixer>.py
     shapes: str = '256x16,2048x2,4096x1'           # T x batch
     vocab_size: int = 65
-    warmup: int = 2                      # steps before timing (the first of them compiles with --compile)
+    warmup: int = 2                      # steps before timing (the first compiles with --compile)
     repeats: int = 5                     # timed steps; the median is reported
     compile: bool = False                # torch.compile each model (compile time is reported)
     threads: int = 0                     # torch CPU threads; 0 = torch's default
@@ -246,32 +246,47 @@ def bench_train(cfg):
     for T, batch in shapes:
         idx = torch.randint(cfg.vocab_size, (batch, T + 1), generator=gen).to(device)
         x, y = idx[:, :-1], idx[:, 1:]
+        steps, info = {}, {}
         for mixer, kw in models.items():
             torch.manual_seed(cfg.seed)
             model = LM(ModelConfig(vocab_size=cfg.vocab_size, block_size=T, dropout=0.0, **kw)).to(device)
-            params = model.get_num_params()
             opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
             run = torch.compile(model) if cfg.compile else model
-            def step():
+            def step(run=run, opt=opt):
                 _, loss = run(x, y)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            step()
+            for _ in range(max(cfg.warmup, 1)):
+                step()
             _sync(device)
-            first_s = time.perf_counter() - t0
-            ms = 1e3 * timed(step, cfg.repeats, device, warmup=cfg.warmup - 1)[0]
+            steps[mixer] = step
+            info[mixer] = dict(warmup_s=time.perf_counter() - t0, params=model.get_num_params(),
+                               n_layer=model.config.n_layer, n_embd=model.config.n_embd)
+        # round-robin, one step of each model in turn: a burst of load on a shared machine
+        # then slows all of them, not one, and the ratios hold
+        times = {m: [] for m in steps}
+        for _ in range(cfg.repeats):
+            for mixer, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                times[mixer].append(time.perf_counter() - t0)
+        for mixer in steps:
+            ms = 1e3 * sorted(times[mixer])[len(times[mixer]) // 2]
             rows.append({'bench': 'train', 'mixer': mixer, 'T': T, 'batch_size': batch, 'ms_per_step': ms,
-                         'tokens_per_s': batch * T / ms * 1e3, 'first_step_s': first_s, 'params': params,
-                         'n_layer': model.config.n_layer, 'n_embd': model.config.n_embd, 'compile': cfg.compile,
+                         'tokens_per_s': batch * T / ms * 1e3, **info[mixer], 'compile': cfg.compile,
                          'device': str(device), 'threads': threads, 'torch': torch.__version__})
-            print(f"  T={T:5d} batch {batch:2d} {mixer:9s}: {ms:8.1f} ms/step (first step {first_s:.1f} s)", flush=True)
-            del model, run, opt
+            print(f"  T={T:5d} batch {batch:2d} {mixer:9s}: {ms:8.1f} ms/step (warm-up {info[mixer]['warmup_s']:.1f} s)",
+                  flush=True)
+        del steps
+
     mixers = list(models)
     first = {m: next(r for r in rows if r['mixer'] == m) for m in mixers}
     print(f"\ntraining step (forward, backward, AdamW step), float32 on {device}, {threads} threads, "
-          f"compile={cfg.compile}; median of {cfg.repeats} steps after {cfg.warmup} warm-up steps; models (" +
+          f"compile={cfg.compile}; median of {cfg.repeats} steps per model, taken in turn, after {cfg.warmup} warm-up "
+          f"steps; models (" +
           ', '.join(f"{m} {first[m]['n_layer']}x{first[m]['n_embd']}, {first[m]['params'] / 1e6:.2f}M params"
                     for m in mixers) + ")\n")
     head = ['T', 'batch'] + [f"{m} ms" for m in mixers]
@@ -287,8 +302,8 @@ def bench_train(cfg):
                       for m in mixers if m != 'attention']
         print('| ' + ' | '.join(cells) + ' |')
     if cfg.compile:
-        print("\nfirst step (includes compiling), s: " +
-              ', '.join(f"{r['mixer']} T={r['T']} {r['first_step_s']:.1f}" for r in rows))
+        print("\nwarm-up steps (the first compiles), s: " +
+              ', '.join(f"{r['mixer']} T={r['T']} {r['warmup_s']:.1f}" for r in rows))
     write_json(cfg.json, rows)
     return rows
 
