@@ -81,12 +81,16 @@ def _initial(initial_state, B, H, M, P, device):
 # G_C = G at the chunk's last step:
 #
 #   1. chunk state   dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s           (M x P per chunk)
-#   2. state pass    S_in[c+1] = e^{G_C} * S_in[c] + dS_c                         (sequential, n = T/C steps)
+#   2. state pass    S_in[c+1] = e^{G_C} * S_in[c] + dS_c                         (n = T/C chunks)
 #   3. chunk output  y_t = (q_t * e^{G_t}) S_in[c] + sum_{s<=t in c} [sum_i q_ti beta_si e^{G_ti - G_si}] x_s
 #
 # Every exponent above is <= 0. The intra-chunk term must not be factored as
-# (q_t e^{G_t})(beta_s e^{-G_s}): e^{-G_s} overflows fp32 once a chunk decays past
-# ~88 nats (64 steps at -20 reach -1280).
+# (q_t e^{G_t})(beta_s e^{-G_s}) from the chunk start: e^{-G_s} overflows fp32 once a
+# chunk decays past ~88 nats (64 steps at -20 reach -1280).
+#
+# Stage 2 runs as one matmul by the (n+1) x (n+1) matrix of decays between chunk
+# ends (each entry summed from its own chunks, _segsum), not as n small steps:
+# on a CPU, n dependent ops on small tensors cost more than the arithmetic.
 #
 # Per-slot decay (FM): stage 3 cuts the chunk into sub-chunks of L steps and runs
 # the recurrence across them with the state W at the boundary r before each
@@ -96,8 +100,12 @@ def _initial(initial_state, B, H, M, P, device):
 #   W_{a+1} = e^{G_r' - G_r} * W_a + (beta_a * e^{G_r' - G_a})^T x_a
 #   y_a = (q_a * e^{G_a - G_r}) W_a + A_a x_a,   A_a[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}  (s <= t in a)
 #
-# so everything but the diagonal L x L blocks A_a is a matmul, and A_a is computed
-# pairwise (an L x L x M tensor of decays, each e^{G_ti - G_si} <= 1).
+# so everything but the diagonal L x L blocks A_a is a matmul. kernels.py computes
+# A_a pairwise (in registers, cheap); here a pairwise L x L x M tensor would cost
+# more than the rest of the scan, so A_a = (q_a e^{G_a - G_r})(beta_a e^{G_r - G_a})^T,
+# one matmul, for every sub-chunk that decays by less than MAX_SPAN = 60 nats on all
+# slots (e^{G_r - G_a} <= e^{60}: finite, and the product exact to fp32 rounding);
+# only sub-chunks that decay faster are computed pairwise (_diagonal).
 #
 # Scalar decay (Mamba-2, g (B,T,H,1)): e^{G_t - G_s} has no slot axis, so the
 # whole chunk is one C x C matrix and stage 3 is two matmuls, as in the SSD form:
@@ -262,7 +270,8 @@ class _ScanSlots(torch.autograd.Function):
     i.e. the forward stages with q and beta, x and dy swapped and time reversed:
         1. dD_c = sum_{s in c} (q_s * e^{G_s})^T dy_s                    (dL/dS_in[c] from chunk c)
         2. E[c] = D; D = e^{G_C} * D + dD_c, c = n-1..0 from D = dS_final; dS_initial = the last D
-        3. per sub-chunk a, from the last, with V the adjoint at its last step r' (V = E[c] at a = k-1):
+        3. per sub-chunk a, from the last, with V the adjoint at its last step r' (V = E[c] at a = k-1;
+           kernels.py's reverse sweep calls it W):
              dx_a    = (beta_a * e^{G_r' - G_a}) V + A_a^T dy_a
              dbeta_a = e^{G_r' - G_a} * (x_a V^T) + [sum_{t>=s in a} Q[t,s] q_ti e^{G_ti - G_si}]_si
              V      <- e^{G_r' - G_r} * V + (q_a * e^{G_a - G_r})^T dy_a
