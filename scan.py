@@ -181,7 +181,7 @@ def _state_pass(dS, G_C, S, reverse=False):
 
 def _scan_scalar(x, g, beta, q, S0, C):
     """Scalar decay g (B,T,H,1): the chunk's decays form one C x C matrix (no slot axis),
-    so stages 1 and 3 are matmuls. Autograd does the backward (stage 2 has its own)."""
+    so stages 1 and 3 are matmuls and stage 2 one more; autograd does the backward."""
     B, T, H, P = x.shape
     xc, bc, qc = _chunks(x, C), _chunks(beta, C), _chunks(q, C)      # (B,H,n,C,.)
     G = _chunks(g, C)[..., 0].cumsum(-1)                            # (B,H,n,C)
