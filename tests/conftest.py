@@ -19,6 +19,7 @@ import tempfile
 import pytest
 
 RESULTS_ENV = 'FM_PYTEST_CHILD_RESULTS'   # set in a child: where it writes its outcomes
+_RESULTS = {}                              # in a child: node id -> {'outcome', 'text', 'stdout'}
 MODES = ('interpreter', 'compiler')
 
 
@@ -44,6 +45,7 @@ def wanted_mode(item):
     return marker.args[0]
 
 
+@pytest.hookimpl(trylast=True)          # after -k / -m deselection: a child runs only what was selected
 def pytest_collection_modifyitems(config, items):
     modes = {id(item): wanted_mode(item) for item in items}
     if not any(modes.values()):
@@ -114,9 +116,6 @@ def pytest_runtest_logreport(report):
     elif report.skipped and entry['outcome'] == 'passed':
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         entry.update(outcome='skipped', text=reason)
-
-
-_RESULTS = {}   # in a child: node id -> {'outcome', 'text', 'stdout'}
 
 
 def pytest_sessionfinish(session):
