@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 import typing
@@ -64,24 +65,24 @@ DEFAULT_MODELS = ','.join([
 class RecallConfig:
     models: str = DEFAULT_MODELS         # comma-separated mixer[:key=value...] (ModelConfig keys)
     # the task
-    pairs: str = '8,16,32,64'            # key-value pair counts: trained on a mix, scored at each
-    seq_len: int = 256                   # needs 4 * max(pairs) <= seq_len
-    num_keys: int = 256                  # key vocabulary (>= max(pairs): keys are distinct)
-    num_values: int = 256                # value vocabulary
+    pairs: str = '2,4,8,16'              # key-value pair counts: trained on a mix, scored at each
+    seq_len: int = 64                    # needs 4 * max(pairs) <= seq_len
+    num_keys: int = 64                   # key vocabulary (>= max(pairs): keys are distinct)
+    num_values: int = 64                 # value vocabulary
     # the models (shared by all)
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 2                      # attention heads
-    expand: int = 2
+    expand: int = 1
     head_dim: int = 32                   # recurrent heads = expand * n_embd / head_dim
     # training
     train_steps: int = 400
-    batch_size: int = 32
+    batch_size: int = 16
     learning_rate: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 40
+    warmup_steps: int = 50
     weight_decay: float = 0.1
-    log_interval: int = 20               # a point on the training curve every this many steps
+    log_interval: int = 25               # a point on the training curve every this many steps
     # evaluation and decode cost
     eval_seqs: int = 256                 # held-out sequences per pair count
     decode_steps: int = 50               # LM.step timings (median) after 5 warm-up steps
@@ -372,7 +373,12 @@ def main(argv=None):
               f"{ms:.3f} ms/token  ({train_s / 60:.1f} min)", flush=True)
     table = write_table(results, cfg, os.path.join(cfg.out_dir, 'recall.md'))
     plots(results, cfg, cfg.out_dir)
-    meta = {'command': ' '.join(['python', 'recall.py'] + (sys.argv[1:] if argv is None else argv)),
+    try:   # the code this run used, for the record
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ''
+    meta = {'commit': commit, 'command': ' '.join(['python', 'recall.py'] + (sys.argv[1:] if argv is None else argv)),
             'config': dataclasses.asdict(cfg), 'wall_s': time.time() - t_start, 'torch': torch.__version__,
             'machine': f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
     with open(os.path.join(cfg.out_dir, 'recall.json'), 'w') as f:
