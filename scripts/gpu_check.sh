@@ -23,7 +23,8 @@
 #   data         data/shakespeare/prepare.py (GPT-2 BPE) from .gpu_carry
 #   train_*      train.py, bf16 autocast, torch.compile, 300 iterations of the GPT-2-BPE config
 #                (fm_sparse) and of attention at the same depth and width, at block_size 1024
-#                (batch 16) and 8192 (batch 2): 16,384 tokens per iteration each
+#                (batch 16) and 8192 (batch 2): 16,384 tokens per iteration each; if a compiled
+#                run fails, 150 eager iterations of it (train_*_eager, marked compile: false)
 #   train_summary  tokens/s and MFU (median over the logged iterations after the first) -> train.json
 #   sanitizer    compute-sanitizer memcheck over the CUDA scan and step tests at shapes that
 #                are not powers of 2 (masked tiles), PyTorch's caching allocator off
@@ -91,8 +92,10 @@ record() {  # name status rc seconds note
 }
 
 FAILED=0
+LAST_STATUS=""
 run_step() {  # name needs(cuda|any) limit_s command-string
     local name=$1 needs=$2 limit=$3 cmd=$4
+    LAST_STATUS=not_run
     if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]] && [[ ",$ONLY," != *",${name%%_*},"* ]]; then
         return
     fi
@@ -115,6 +118,7 @@ run_step() {  # name needs(cuda|any) limit_s command-string
         status=failed; note=$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-300); FAILED=1
     fi
     record "$name" "$status" "$rc" $(( $(date +%s) - t )) "$note"
+    LAST_STATUS=$status
     [ "$status" = passed ] || tail -n 8 "$log"
 }
 
@@ -216,6 +220,11 @@ for T in 1024 8192; do
     for MIXER in fm_sparse attention; do
         run_step "train_${MIXER}_T$T" cuda 120 "$TRAIN --mixer=$MIXER --block_size=$T --batch_size=$BS \
             --out_dir=out-gpu/${MIXER}_T$T && cp out-gpu/${MIXER}_T$T/log.jsonl $RES/logs/train_${MIXER}_T$T.jsonl"
+        if [ "$LAST_STATUS" = failed ]; then     # torch.compile broke: eager numbers, marked as such
+            run_step "train_${MIXER}_T${T}_eager" cuda 90 "$TRAIN --compile=False --max_iters=150 --lr_decay_iters=150 \
+                --eval_interval=150 --mixer=$MIXER --block_size=$T --batch_size=$BS --out_dir=out-gpu/${MIXER}_T${T}_eager \
+                && cp out-gpu/${MIXER}_T${T}_eager/log.jsonl $RES/logs/train_${MIXER}_T${T}_eager.jsonl"
+        fi
     done
 done
 
@@ -223,8 +232,8 @@ run_step train_summary cuda 30 "$PY - <<'EOF'
 import json, os, re, statistics
 runs = {}
 for T in (1024, 8192):
-    for mixer in ('fm_sparse', 'attention'):
-        name = f'{mixer}_T{T}'
+  for mixer in ('fm_sparse', 'attention'):
+    for name in (f'{mixer}_T{T}', f'{mixer}_T{T}_eager'):
         path = f'out-gpu/{name}/log.jsonl'
         if not os.path.exists(path):
             continue
@@ -235,7 +244,7 @@ for T in (1024, 8192):
         params = re.search(r'([0-9.]+)M params', text)
         tpi = re.search(r'([0-9,]+) tokens/iter', text)
         med = lambda k: statistics.median([r[k] for r in steps if k in r]) if any(k in r for r in steps) else None
-        runs[name] = {'mixer': mixer, 'block_size': T, 'batch_size': 16 * 1024 // T,
+        runs[name] = {'mixer': mixer, 'block_size': T, 'batch_size': 16 * 1024 // T, 'compile': 'eager' not in name,
                       'tokens_per_iter': int(tpi.group(1).replace(',', '')) if tpi else None,
                       'params_M': float(params.group(1)) if params else None,
                       'iters': max([r['iter'] for r in steps], default=None),
@@ -243,10 +252,12 @@ for T in (1024, 8192):
                       'final_val_loss': evals[-1]['val_loss'] if evals else None}
 ratios = {}
 for T, target in ((1024, 0.5), (8192, 1.0)):
-    fm, at = runs.get(f'fm_sparse_T{T}'), runs.get(f'attention_T{T}')
+    fm = runs.get(f'fm_sparse_T{T}') or runs.get(f'fm_sparse_T{T}_eager')
+    at = runs.get(f'attention_T{T}') or runs.get(f'attention_T{T}_eager')
     if fm and at and fm['tokens_per_s'] and at['tokens_per_s']:
         r = fm['tokens_per_s'] / at['tokens_per_s']
-        ratios[f'T{T}'] = {'fm_over_attention_tokens_per_s': round(r, 3), 'target': target, 'met': r >= target}
+        ratios[f'T{T}'] = {'fm_over_attention_tokens_per_s': round(r, 3), 'target': target, 'met': r >= target,
+                           'fm_compiled': fm['compile'], 'attention_compiled': at['compile']}
 out = {'runs': runs, 'fm_vs_attention': ratios,
        'command': 'train.py config/shakespeare_bpe_fm_sparse.py --device=cuda --dtype=bfloat16 --compile=True '
                   '--max_iters=300 --mixer=M --block_size=T --batch_size=16384/T'}
