@@ -1,7 +1,7 @@
 """
 Triton kernels for the Factorization Memory scan: the chunked scan (forward and
 backward, as a torch.autograd.Function) and the one-token decode steps. They
-compute what scan.py defines (scan_naive); DESIGN.md has the math.
+compute what scan.py defines (scan_naive); the README derives the math.
 
 Per (batch, head), a memory S of M slots (rows) of width P:
 
@@ -28,7 +28,7 @@ one matmul, but e^{-G_s} grows with the chunk's decay and overflows fp32 past
 at or before t (a reference point r with s <= r <= t), so it is <= 0: strong
 decays underflow harmlessly to 0 and nothing overflows.
 
-Backward (DESIGN.md): the adjoint D_t = dL/dS_t runs the same recurrence in reverse,
+Backward: the adjoint D_t = dL/dS_t runs the same recurrence in reverse,
 
     D_t = e^{g_{t+1}} * D_{t+1} + q_t dy_t^T,     dx_t = D_t^T beta_t,    dbeta_t = D_t x_t,
 
@@ -346,7 +346,7 @@ class _ScanTriton(torch.autograd.Function):
         _launch(_state_pass, (B * H, nb), E, G, dS_final, dS0, Tp, H, n, REVERSE=True, **meta)
         _launch(_chunk_dx_dbeta_bwd, grid, x_, G, beta_, q_, dy_, E, dx_part, dbeta, Tp, H, **meta)
         _launch(_chunk_dq_bwd, grid, x_, G, beta_, dy_, S_in, dq, Tp, H, **meta)
-        # dL/dG_t per slot (DESIGN.md); S_final depends on the last step's G as well
+        # dL/dG_t per slot: q*dq - beta*dbeta (README, 'The backward'); S_final depends on the last step's G as well
         dG = q_.float() * dq - beta_.float() * dbeta
         dG[:, T - 1] += (S_final * dS_final).sum(-1)
         dg = dG.flip(1).cumsum(1).flip(1)[:, :T]

@@ -4,8 +4,8 @@
 # exit code, seconds and log) goes to results/gpu/checklist.json; a failing step is recorded
 # and the script goes on to the next one.
 #
-#   bash scripts/gpu_check.sh prepare   # on a machine with the repo's offline data or network:
-#                                       # fills .gpu_carry/ (git-ignored via .git/info/exclude)
+#   bash scripts/gpu_check.sh prepare   # where the data is (TIKTOKEN_CACHE_DIR: a tiktoken cache;
+#                                       # FM_TEXT: the tiny-Shakespeare text): fills .gpu_carry/
 #   bash scripts/gpu_check.sh           # on the GPU machine: run the checklist
 #
 # .gpu_carry/ holds what the GPU machine cannot download: the GPT-2 BPE ranks (a tiktoken
@@ -48,21 +48,22 @@ export PYTHONUNBUFFERED=1
 # --- prepare: run before the GPU call, where the data is -----------------------------------
 if [ "${1:-}" = "prepare" ]; then
     set -e
-    SHARED=${FM_SHARED_DIR:-$REPO/../shared}
+    TIK=${TIKTOKEN_CACHE_DIR:-}                                   # a tiktoken cache holding the GPT-2 ranks
+    TEXT=${FM_TEXT:-$REPO/data/shakespeare_char/input.txt}       # the tiny-Shakespeare text
     mkdir -p "$CARRY/whl"
     EXCLUDE=$(git rev-parse --git-path info/exclude 2>/dev/null || true)
     if [ -n "$EXCLUDE" ] && ! grep -qx '/.gpu_carry/' "$EXCLUDE" 2>/dev/null; then
         mkdir -p "$(dirname "$EXCLUDE")" && echo '/.gpu_carry/' >> "$EXCLUDE"
     fi
-    if [ -d "$SHARED/tiktoken" ]; then
-        rm -rf "$CARRY/tiktoken" && cp -r "$SHARED/tiktoken" "$CARRY/tiktoken" && chmod -R u+w "$CARRY/tiktoken"
+    if [ -n "$TIK" ] && [ -d "$TIK" ]; then
+        rm -rf "$CARRY/tiktoken" && cp -r "$TIK" "$CARRY/tiktoken" && chmod -R u+w "$CARRY/tiktoken"
     else
-        echo "no $SHARED/tiktoken: the BPE data step will need network (or copy a tiktoken cache to $CARRY/tiktoken)"
+        echo "TIKTOKEN_CACHE_DIR is not a directory: the BPE data step will need network (or copy a tiktoken cache to $CARRY/tiktoken)"
     fi
-    if [ -f "$SHARED/data/tinyshakespeare.txt" ]; then
-        rm -f "$CARRY/tinyshakespeare.txt" && cp "$SHARED/data/tinyshakespeare.txt" "$CARRY/tinyshakespeare.txt"
+    if [ -f "$TEXT" ]; then
+        rm -f "$CARRY/tinyshakespeare.txt" && cp "$TEXT" "$CARRY/tinyshakespeare.txt"
     else
-        echo "no $SHARED/data/tinyshakespeare.txt: put the tiny-Shakespeare text at $CARRY/tinyshakespeare.txt"
+        echo "no $TEXT (set FM_TEXT): put the tiny-Shakespeare text at $CARRY/tinyshakespeare.txt"
     fi
     set +e
     timeout 120 $PY -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/whl" fla-core \
