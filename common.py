@@ -150,6 +150,8 @@ def first_line(e):
 def load_checkpoint(path, map_location='cpu'):
     """A checkpoint written by train.py (torch.load with weights_only=True). A missing, corrupt or
     foreign file exits with one line."""
+    if os.path.isfile(os.path.dirname(path)):
+        raise SystemExit(f"{os.path.dirname(path)} is a file, not a run directory; give the out_dir that train.py wrote")
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}; train one first "
                          f"(python train.py --out_dir={os.path.dirname(path) or '.'})")

@@ -42,7 +42,10 @@ class EvalConfig:
 
 
 def ints(csv):
-    return [int(v) for v in str(csv).split(',') if v.strip()]
+    try:
+        return [int(v) for v in str(csv).split(',') if v.strip()]
+    except ValueError:
+        raise SystemExit(f"eval.py: --lengths={csv} must be comma-separated integers, e.g. 1,2,4,8") from None
 
 
 def log(msg):
@@ -94,8 +97,17 @@ def evaluate(cfg):
     mults = ints(cfg.lengths)
     if not mults or any(m < 1 for m in mults):
         raise SystemExit(f"eval.py: --lengths={cfg.lengths} must be positive integers (multiples of block_size)")
+    for path in (cfg.table, cfg.plot, cfg.json):   # before the evaluation, which can take long
+        try:
+            if os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"eval.py: cannot write {path} ({e.strerror}); pick another path") from None
+    out_dirs = [d for d in cfg.out_dirs.split(',') if d]
+    if not out_dirs:
+        raise SystemExit("eval.py: --out_dirs is empty; give the run directories, e.g. --out_dirs=out-fm,out-attention")
     results = []
-    for out_dir in [d for d in cfg.out_dirs.split(',') if d]:
+    for out_dir in out_dirs:
         ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
         model = model_from_checkpoint(ckpt, device, dropout=0.0).eval()
         data = val_tokens(ckpt, cfg)
@@ -119,9 +131,6 @@ def evaluate(cfg):
                 f"ppl {math.exp(loss):.3f} [{time.time() - t0:.1f} s]")
         results.append(r)
         del model
-    for path in (cfg.table, cfg.plot, cfg.json):
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
     table = markdown_table(results)
     print('\n' + table)
     if cfg.table:

@@ -42,7 +42,7 @@ class ReproduceConfig:
     max_iters: int = 0                   # 0 = the configs' max_iters (also the LR schedule's length)
     round_iters: int = 100               # train in rounds: every config this many iterations, then the next round
     train_minutes: float = 45.0          # no new round once the next would end past this; 0 = no limit
-    skip_trained: bool = False           # continue from the checkpoints in runs_dir (else train from scratch)
+    skip_trained: bool = False           # continue from the checkpoints in runs_dir (else refuse to overwrite them)
     train_args: str = '--eval_iters=10'  # extra train.py arguments
     lengths: str = '1,2,4,8,16'          # eval.py: context lengths, as multiples of block_size
     eval_args: str = '--device=cpu'      # extra eval.py arguments (e.g. --eval_tokens=16384)
@@ -106,7 +106,16 @@ def main(argv=None):
     if len(set(names)) != len(names):
         raise SystemExit(f"reproduce.py: two configs share a file name ({', '.join(names)}); their runs would collide")
     out_dirs = [os.path.join(cfg.runs_dir, n) for n in names]
-    os.makedirs(res, exist_ok=True)
+    for d in (res, *out_dirs):
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"reproduce.py: cannot create the directory {d} ({e.strerror}); "
+                             "pick another --runs_dir or --results_dir") from None
+    trained = [d for d in out_dirs if os.path.exists(os.path.join(d, 'ckpt.pt'))]
+    if trained and not cfg.skip_trained:   # never overwrite a finished run's checkpoint
+        raise SystemExit(f"reproduce.py: {', '.join(trained)} already hold a checkpoint; continue from it with "
+                         "--skip_trained=True, or pick another --runs_dir")
     total = cfg.max_iters
     if not total:
         its = {config_max_iters(c) for c in confs}
@@ -119,10 +128,6 @@ def main(argv=None):
     skipped = []
     if cfg.skip_trained:
         skipped = [f"{n} (from iteration {done_iters(d)})" for n, d in zip(names, out_dirs) if done_iters(d)]
-    else:
-        for d in out_dirs:
-            if os.path.exists(os.path.join(d, 'ckpt.pt')):
-                os.remove(os.path.join(d, 'ckpt.pt'))
     step = cfg.round_iters or total
     reached = min(done_iters(d) for d in out_dirs)
     last_round = None
@@ -139,7 +144,6 @@ def main(argv=None):
             if done_iters(out_dir) >= target:
                 continue
             resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-            os.makedirs(out_dir, exist_ok=True)
             cmd = [py, script('train.py'), conf, f'--out_dir={out_dir}', f'--max_iters={target}',
                    f'--lr_decay_iters={total}', f'--init_from={"resume" if resume else "scratch"}']
             cmd += shlex.split(cfg.train_args)

@@ -68,6 +68,7 @@ class TrainConfig:
 
     def validate(self):
         checks = [(self.init_from in ('scratch', 'resume'), 'init_from', "'scratch' or 'resume'"),
+                  (not os.path.isfile(self.out_dir), 'out_dir', "a directory, not an existing file"),
                   (self.learning_rate > 0, 'learning_rate', "> 0"),
                   (self.grad_clip >= 0, 'grad_clip', ">= 0 (0 disables clipping)"),
                   (self.peak_flops >= 0, 'peak_flops', ">= 0 (0 = from the GPU's name)")]
@@ -87,8 +88,9 @@ RESUME_MODEL_OVERRIDES = ('dropout', 'scan', 'chunk_size')
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
 
 
-def ensure_dataset(data_dir, dataset):
-    """Exit with the prepare command to run if the dataset is missing; shakespeare_char is prepared here."""
+def ensure_dataset(data_dir, dataset, prepare):
+    """Exit with the prepare command to run if the dataset is missing; shakespeare_char is prepared
+    here instead if `prepare` (not under torchrun: a rank that fails alone leaves the others hanging)."""
     d = os.path.join(data_dir, dataset)
     if os.path.exists(os.path.join(d, 'train.bin')) and os.path.exists(os.path.join(d, 'val.bin')):
         return
@@ -100,7 +102,7 @@ def ensure_dataset(data_dir, dataset):
                        if os.path.isfile(os.path.join(REPO_DIR, 'data', n, 'prepare.py')))
         raise SystemExit(f"dataset '{dataset}' not found: no {d}/train.bin and no data/{dataset}/prepare.py "
                          f"(datasets with a prepare script: {', '.join(known)})")
-    if dataset != 'shakespeare_char':
+    if dataset != 'shakespeare_char' or not prepare:
         raise SystemExit(f"dataset '{dataset}' is not prepared ({d}/train.bin is missing); run: {cmd}")
     print(f"dataset '{dataset}' is not prepared; running: {cmd}", flush=True)
     if subprocess.call([sys.executable, script, '--out_dir', d]) != 0:
@@ -199,11 +201,7 @@ def stop(msg):
 # -----------------------------------------------------------------------------
 # data: data_dir/dataset/{train,val}.bin, uint16 tokens, and meta.pkl
 
-if master:
-    ensure_dataset(cfg.data_dir, cfg.dataset)
-if ddp:
-    dist.barrier()
-ensure_dataset(cfg.data_dir, cfg.dataset)   # the other ranks only check
+ensure_dataset(cfg.data_dir, cfg.dataset, prepare=not ddp)
 data = os.path.join(cfg.data_dir, cfg.dataset)
 meta = {'vocab_size': 50257, 'tokenizer': 'gpt2'}   # a dataset without meta.pkl is GPT-2 BPE
 if os.path.exists(os.path.join(data, 'meta.pkl')):
@@ -232,10 +230,10 @@ scaler = torch.amp.GradScaler(device.type, enabled=(dtype == 'float16'))
 iter_num, best_val_loss, tokens_seen = 0, float('inf'), 0
 if ckpt is None:
     model = LM(ModelConfig(**model_args)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
 else:
     model = model_from_checkpoint(ckpt, device, **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES})
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+if ckpt is not None:
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError, RuntimeError) as e:
@@ -243,18 +241,14 @@ else:
     if 'scaler' in ckpt and scaler.is_enabled():
         scaler.load_state_dict(ckpt['scaler'])
     iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt.get('best_val_loss', float('inf')))
-    tokens_seen = train_tokens(ckpt)
-    rng = ckpt.get('rng', {})
-    if master and 'torch' in rng:   # every step reseeds from (seed, iter, rank) anyway; see the loop
-        torch.set_rng_state(rng['torch'])
-        if device.type == 'cuda' and rng.get('cuda'):
-            torch.cuda.set_rng_state_all(rng['cuda'])
+    tokens_seen = train_tokens(ckpt)   # no RNG state to restore: every step reseeds from (seed, iter, rank)
     ckpt = None   # free memory
 if model.config.scan == 'triton' and not triton_runs_on(device):
     raise SystemExit(f"train.py: scan='triton' needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU "
                      f"interpreter); on {device.type} use --scan=auto or --scan=chunked")
 raw_model = model
 if cfg.compile:
+    log("compiling the model (the first iteration and the first evaluation wait for it)")
     model = torch.compile(model)
 train_model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else model
 
@@ -269,9 +263,19 @@ if meta['tokenizer'] == 'char':
 log_path = os.path.join(cfg.out_dir, 'log.jsonl')
 start_iter = iter_num
 if master:
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if start_iter == 0:
-        open(log_path, 'w').close()   # a fresh run starts a fresh log; a resumed one appends
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"train.py: cannot create out_dir {cfg.out_dir} ({e.strerror}); pick another --out_dir")
+    # A fresh run starts a fresh log. A resumed one keeps the records up to its checkpoint: steps
+    # logged after it (by a run stopped between checkpoints) are repeated now and would appear twice.
+    kept = []
+    if start_iter and os.path.exists(log_path):
+        with open(log_path) as f:
+            records = [json.loads(line) for line in f if line.rstrip().endswith('}')]   # skip a cut-off last line
+        kept = [r for r in records if r['iter'] < start_iter or (r['iter'] == start_iter and 'val_loss' in r)]
+    with open(log_path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
 log(f"{'resuming at iter ' + str(start_iter) if start_iter else 'training from scratch'}: "
     f"{model_args['mixer']} {model_args['n_layer']}x{model_args['n_embd']}, {raw_model.get_num_params() / 1e6:.2f}M "
     f"params, {cfg.dataset} (vocab {model_args['vocab_size']}), device {device}, {dtype}, {world} process(es), "
@@ -323,13 +327,10 @@ while True:
         if losses['val'] < best_val_loss or cfg.always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and master:
-                rng = {'torch': torch.get_rng_state()}
-                if device.type == 'cuda':
-                    rng['cuda'] = torch.cuda.get_rng_state_all()
                 ckpt = {'format': CKPT_FORMAT, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
                         'model_args': dataclasses.asdict(raw_model.config), 'config': dataclasses.asdict(cfg),
                         'iter_num': iter_num, 'best_val_loss': best_val_loss, 'world_size': world,
-                        'train_tokens': tokens_seen, 'rng': rng, 'meta': ckpt_meta}
+                        'train_tokens': tokens_seen, 'meta': ckpt_meta}
                 if scaler.is_enabled():
                     ckpt['scaler'] = scaler.state_dict()
                 save_checkpoint(ckpt, ckpt_path)

@@ -24,7 +24,13 @@ def parse_args(description, script_file, extra=None):
                    help='where to write train.bin, val.bin and meta.pkl (default: beside this script)')
     if extra is not None:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args()
+    # checked before any download or tokenizer load, so that a typo fails at once
+    if args.input is not None and not os.path.isfile(args.input):
+        sys.exit(f"--input {args.input} is not a file; give the path of a text file")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        sys.exit(f"--out_dir {args.out_dir} is a file; give a directory")
+    return args
 
 
 def read_text(input_path, url, out_dir):
@@ -92,7 +98,7 @@ def gpt2_encoding():
         import tiktoken
         return tiktoken.get_encoding('r50k_base')
     except Exception as e:  # noqa: BLE001
-        sys.exit(f"could not load the GPT-2 BPE (tiktoken 'r50k_base': {type(e).__name__}: {e}); "
+        sys.exit(f"could not load the GPT-2 BPE (tiktoken 'r50k_base': {type(e).__name__}); "
                  "connect to the network or set TIKTOKEN_CACHE_DIR to a tiktoken cache")
 
 

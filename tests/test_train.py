@@ -247,7 +247,7 @@ def test_train_writes_log_and_checkpoint(runs):
     ck = torch.load(runs['part'] / 'ckpt.pt', weights_only=True)
     assert ck['format'] == common.CKPT_FORMAT and ck['iter_num'] == 30
     assert ck['model_args']['mixer'] == 'fm_sparse' and ck['model_args']['n_embd'] == 64
-    assert ck['config']['max_iters'] == 30 and 'rng' in ck and ck['meta']['tokenizer'] == 'char'
+    assert ck['config']['max_iters'] == 30 and ck['meta']['tokenizer'] == 'char'
     assert ck['world_size'] == 1 and ck['train_tokens'] == 30 * 4 * 64 == common.train_tokens(ck)
     assert runs['ckpt20']['iter_num'] == 20
     assert 'resuming at iter 20' in runs['resume_stdout']
@@ -263,6 +263,15 @@ def test_resume_reproduces_uninterrupted_run(runs):
     b = torch.load(runs['part'] / 'ckpt.pt', weights_only=True)['model']
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_from_an_older_checkpoint_rewrites_the_log(runs, data_dir, tmp_path):
+    """A run stopped after its last checkpoint logged steps that the resumed run repeats: each appears once."""
+    (tmp_path / 'log.jsonl').write_text((runs['part'] / 'log.jsonl').read_text() + '{"iter": 30, "lo')   # cut off
+    torch.save(runs['ckpt20'], tmp_path / 'ckpt.pt')
+    run('train.py', *TINY, f'--data_dir={data_dir}', '--max_iters=30', f'--out_dir={tmp_path}', '--init_from=resume')
+    strip = [{k: v for k, v in r.items() if k in ('iter', 'loss', 'val_loss')} for r in read_log(tmp_path)]
+    assert strip == [{k: v for k, v in r.items() if k in ('iter', 'loss', 'val_loss')} for r in read_log(runs['part'])]
 
 
 def sample_in_process(capsys, *argv):
@@ -357,6 +366,36 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monk
     assert common.load_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num'] == 10
 
 
+def test_bad_paths_exit_with_one_line(runs, data_dir, tmp_path, monkeypatch):
+    """A file where a directory belongs, a missing --input, a bad --lengths: one line, nothing lost."""
+    import importlib
+    import reproduce
+    import sample
+    evaluate = importlib.import_module('eval')
+    file = tmp_path / 'a_file'
+    file.write_text('x')
+    cases = [(lambda: train_in_process(monkeypatch, f'--out_dir={file}'), 'must be a directory'),
+             (lambda: sample.main([f'--out_dir={file}']), 'is a file'),
+             (lambda: evaluate.main([f'--out_dirs={file}', '--table=', '--plot=', '--json=']), 'is a file'),
+             (lambda: evaluate.main([f"--out_dirs={runs['part']}", '--lengths=1,x']), 'comma-separated integers'),
+             (lambda: evaluate.main([f"--out_dirs={runs['part']}", f'--table={file}/eval.md']), 'cannot write'),
+             (lambda: evaluate.main(['--out_dirs=,']), '--out_dirs is empty')]
+    for call, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            call()
+        assert needle in str(e.value.code) and '\n' not in str(e.value.code), (needle, e.value.code)
+    for args, needle in [(['--input', tmp_path / 'nothing.txt'], 'is not a file'), (['--out_dir', file], 'is a file')]:
+        assert_one_line_error(run('data/shakespeare_char/prepare.py', *args, check=False), needle)
+    # reproduce.py continues from existing checkpoints only when asked; it never deletes them
+    ckpt = tmp_path / 'runs' / 'shakespeare_char_fm' / 'ckpt.pt'
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes((runs['part'] / 'ckpt.pt').read_bytes())
+    with pytest.raises(SystemExit, match='already hold a checkpoint.*--skip_trained=True'):
+        reproduce.main(['--configs=config/shakespeare_char_fm.py', f"--runs_dir={tmp_path / 'runs'}",
+                        f"--results_dir={tmp_path / 'res'}"])
+    assert ckpt.read_bytes() == (runs['part'] / 'ckpt.pt').read_bytes()
+
+
 # --- data parallel -------------------------------------------------------------------------
 
 DIGEST_WRAPPER = """
@@ -390,6 +429,15 @@ def test_torchrun_ddp_ranks_end_identical(data_dir, tmp_path):
     assert '2 process(es), 512 tokens/iter' in p.stdout   # only rank 0 logs: the line appears once
     assert p.stdout.count('training from scratch') == 1
     assert [r['iter'] for r in read_log(out) if 'loss' in r] == list(range(6))
+
+
+def test_torchrun_missing_dataset_is_one_line_per_rank(tmp_path):
+    """Every rank checks the dataset (none prepares it under torchrun), so none is left in a collective."""
+    p = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', *TINY,
+            f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}', check=False, timeout=120)
+    assert p.returncode != 0
+    assert p.stderr.count("dataset 'shakespeare_char' is not prepared") == 2, p.stderr
+    assert 'run: python data/shakespeare_char/prepare.py' in p.stderr and '[rank' not in p.stderr, p.stderr
 
 
 # --- reproduce.py --------------------------------------------------------------------------
