@@ -69,7 +69,7 @@ def test_chunked_mixes_factored_and_pairwise_diagonal_blocks():
     x, g, beta, q = inputs(3 * CHUNK + 5, 'dense', 'weak')
     g = g * 0.2
     g[:, :, 0] = -10.0 * beta[:, :, 0] * M                     # routed slots of head 0: ~ -10 nats a step
-    wide = scan._sub_decays(scan._chunks(g, CHUNK).cumsum(3), scan.SUB_CHUNK)[-1]   # (B,H,n,k) or None
+    wide = scan._sub_decays(scan._chunks(g, CHUNK).cumsum(3), min(scan.SUB_CHUNK, CHUNK))[-1]   # (B,H,n,k)
     assert wide is not None and wide.any() and not wide.all()
     S0 = torch.randn(B, H, M, P)
     leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
@@ -79,6 +79,26 @@ def test_chunked_mixes_factored_and_pairwise_diagonal_blocks():
         grads.append([y, S] + list(torch.autograd.grad((y * y).sum() + S.sum(), leaves)))
     for name, a, b in zip(['y', 'S_final', 'dx', 'dg', 'dbeta', 'dq', 'dS0'], grads[1], grads[0]):
         assert rel_err(a.detach(), b.detach()) <= 1e-4, name
+
+
+@pytest.mark.parametrize('chunk', [64, 128])
+@pytest.mark.parametrize('routing', ['dense', 'broadcast'])
+@pytest.mark.parametrize('decay', ['weak', 'strong'])
+def test_chunked_with_sub_chunks_forward_and_grad(chunk, routing, decay):
+    """Chunks of several sub-chunks (scan.SUB_CHUNK steps each): the state W between them, and
+    its adjoint in the backward, against the recurrence."""
+    assert chunk > scan.SUB_CHUNK
+    x, g, beta, q = inputs(2 * chunk + 5, routing, decay)
+    S0 = torch.randn(B, H, M, P)
+    leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fn in (scan_naive, lambda *a, **kw: scan_chunked(*a, **kw, chunk_size=chunk)):
+        y, S = fn(*leaves[:4], initial_state=leaves[4])
+        results.append([y, S] + list(torch.autograd.grad((y * gy).sum() + (S * S).sum(), leaves)))
+    for name, a, b in zip(['y', 'S_final', 'dx', 'dg', 'dbeta', 'dq', 'dS0'], results[1], results[0]):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a.detach(), b.detach()) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
 
 
 def test_chunked_default_chunk_and_no_initial_state():
