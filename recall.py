@@ -91,6 +91,8 @@ class RecallConfig:
     seed: int = 1337
     out_dir: str = 'results/recall'
     smoke: bool = False                  # tiny settings for a test (overrides the sizes above)
+    combine: str = ''                    # comma-separated out_dirs of earlier runs (e.g. models run in
+                                         # parallel): merge their recall.json into out_dir, train nothing
 
 
 SMOKE = dict(models='attention,fm_sparse:n_slots=16:top_k=4,fm:n_slots=8,mamba2:n_slots=8',
@@ -348,8 +350,41 @@ def plots(results, cfg, out_dir):
     plt.close(fig)
 
 
+def combine(cfg, argv):
+    """One table, plots and recall.json in out_dir from the recall.json of several runs of the same
+    task (each run's config must match the first's, apart from models and out_dir)."""
+    runs = []
+    for d in [d for d in cfg.combine.split(',') if d]:
+        try:
+            with open(os.path.join(d, 'recall.json')) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"recall.py: --combine: cannot read {d}/recall.json ({type(e).__name__}); "
+                             f"run recall.py with --out_dir={d} first")
+    same = lambda c: {k: v for k, v in c.items() if k not in ('models', 'out_dir', 'combine')}
+    for r in runs[1:]:
+        if same(r['config']) != same(runs[0]['config']):
+            raise SystemExit("recall.py: --combine: the runs differ in settings other than models and out_dir")
+    run_cfg = RecallConfig(**{**runs[0]['config'], 'out_dir': cfg.out_dir, 'combine': cfg.combine})
+    order = DEFAULT_MODELS.split(',')                              # the default sweep's order, others after
+    results = sorted([r for run in runs for r in run['results']],
+                     key=lambda r: order.index(r['spec']) if r['spec'] in order else len(order))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    table = write_table(results, run_cfg, os.path.join(cfg.out_dir, 'recall.md'))
+    plots(results, run_cfg, cfg.out_dir)
+    meta = {'command': ' '.join(['python', 'recall.py'] + argv), 'combined': [
+        {k: v for k, v in run.items() if k != 'results'} for run in runs],
+        'wall_s': max(run['wall_s'] for run in runs), 'config': dataclasses.asdict(run_cfg)}
+    with open(os.path.join(cfg.out_dir, 'recall.json'), 'w') as f:
+        json.dump({**meta, 'results': results}, f, indent=1)
+    print(table)
+
+
 def main(argv=None):
-    cfg = parse_config(RecallConfig(), sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(RecallConfig(), argv)
+    if cfg.combine:
+        return combine(cfg, argv)
     specs = model_specs(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -378,7 +413,7 @@ def main(argv=None):
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = ''
-    meta = {'commit': commit, 'command': ' '.join(['python', 'recall.py'] + (sys.argv[1:] if argv is None else argv)),
+    meta = {'commit': commit, 'command': ' '.join(['python', 'recall.py'] + argv),
             'config': dataclasses.asdict(cfg), 'wall_s': time.time() - t_start, 'torch': torch.__version__,
             'machine': f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
     with open(os.path.join(cfg.out_dir, 'recall.json'), 'w') as f:

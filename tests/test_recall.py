@@ -79,3 +79,11 @@ def test_end_to_end_smoke(tmp_path):
     sparse = d['results'][1]
     assert sparse['touched_bytes'] < sparse['state_bytes']           # k of m rows
     assert '| fm_sparse m=16 k=4 |' in (out / 'recall.md').read_text()
+
+    # --combine rewrites the outputs from recall.json alone (no training), in the default sweep's order
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py'), f'--combine={out}',
+                        f"--out_dir={tmp_path / 'combined'}"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    d2 = json.loads((tmp_path / 'combined' / 'recall.json').read_text())
+    assert [r['label'] for r in d2['results']] == labels
+    assert (tmp_path / 'combined' / 'recall.png').stat().st_size > 0
