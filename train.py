@@ -221,7 +221,7 @@ for path in splits.values():
                          f"block_size+1={block_size + 1}; use a smaller block_size or a longer text")
 
 # -----------------------------------------------------------------------------
-# model and optimizer: new, or the checkpoint's (weights, optimizer state, iteration, RNG)
+# model and optimizer: new, or the checkpoint's (weights, optimizer state, iteration, token count)
 
 torch.manual_seed(cfg.seed)   # the same initial weights on every rank
 dtype = resolve_dtype(cfg.dtype, device)
@@ -253,7 +253,7 @@ if cfg.compile:
 train_model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else model
 
 tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * block_size
-flops_per_token = getattr(raw_model, 'flops_per_token', None)
+flops_per_token = raw_model.flops_per_token(block_size)   # for MFU
 peak = cfg.peak_flops
 if not peak and device.type == 'cuda' and dtype in ('bfloat16', 'float16'):
     peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), 0.0)
@@ -375,8 +375,8 @@ while True:
         record = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'grad_norm': grad_norm,
                   'ms_per_iter': round(ms, 3), 'tokens_per_s': round(tps, 1)}
         line = f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.2e}, {ms:.1f} ms/iter, {tps:,.0f} tokens/s"
-        if peak and flops_per_token:   # model FLOPs utilization: achieved / peak, over all devices
-            record['mfu'] = round(flops_per_token(block_size) * tps / (peak * world), 5)
+        if peak:   # model FLOPs utilization: achieved / peak, over all devices
+            record['mfu'] = round(flops_per_token * tps / (peak * world), 5)
             line += f", mfu {100 * record['mfu']:.1f}%"
         log(line)
         write_log(record)
