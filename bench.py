@@ -168,6 +168,7 @@ def bench_scan(cfg):
     leaf = lambda t, dt: t.to(device, dt).requires_grad_()
     inputs = {'slot': [leaf(x, dtype), leaf(dA * w, torch.float32), leaf(w, dtype), leaf(q, dtype)],
               'scalar': [leaf(x, dtype), leaf(dA, torch.float32), leaf(w, dtype), leaf(q, dtype)]}
+    dy = torch.randn(B, T, H, P, generator=gen).to(device)
     print(f"scan benchmark on {device}, torch {torch.__version__}, {threads} threads", flush=True)
 
     rows = []
@@ -176,9 +177,9 @@ def bench_scan(cfg):
         def fwd():
             with torch.no_grad():
                 fn(*args)
-        def fwd_bwd():
-            y, S = fn(*args)
-            (y.float().sum() + S.float().sum()).backward()
+        def fwd_bwd():   # a dense upstream gradient, as in training (the gradient of y.sum() is a
+            y, S = fn(*args)   # stride-0 tensor, which sends some CPU matmuls down a per-matrix loop)
+            ((y.float() * dy).sum() + S.float().sum()).backward()
         try:
             t_f, _ = timed(fwd, cfg.repeats, device)
             t_fb, mem = timed(fwd_bwd, cfg.repeats, device)
