@@ -246,7 +246,11 @@ def bench_train(cfg):
     from model import LM
     device = pick_device(cfg.device, 'train')
     threads = set_threads(cfg.threads)
-    shapes = [tuple(int(v) for v in s.split('x')) for s in cfg.shapes.split(',') if s]
+    try:
+        shapes = [tuple(int(v) for v in s.split('x')) for s in cfg.shapes.split(',') if s]
+        assert shapes and all(len(s) == 2 and min(s) >= 1 for s in shapes)
+    except (ValueError, AssertionError):
+        sys.exit(f"bench.py train: --shapes={cfg.shapes!r} must be TxBATCH pairs, e.g. 256x16,4096x1")
     models = train_models(cfg)
     print(f"train-step benchmark on {device}, torch {torch.__version__}, {threads} threads, "
           f"compile={cfg.compile}", flush=True)
