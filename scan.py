@@ -125,12 +125,15 @@ def scan_chunked(x, g, beta, q, initial_state=None, chunk_size=64):
     B, T, H, P = x.shape
     M = beta.shape[-1]
     S0 = _initial(initial_state, B, H, M, P, x.device)
-    if g.shape[-1] == 1:
-        return _scan_scalar(x, g, beta, q, S0, chunk_size)
     L = min(SUB_CHUNK, chunk_size)
     if chunk_size % L != 0:
         raise ValueError(f"chunk_size={chunk_size} must be a multiple of {L} (or smaller than it)")
-    return _ScanSlots.apply(x, g, beta, q, S0, chunk_size, L)
+    # The scan computes in float32 whatever its inputs' dtype (long cumulative decays); under
+    # autocast its matmuls would drop back to bf16/fp16, so autocast is off inside it.
+    with torch.autocast(x.device.type, enabled=False):
+        if g.shape[-1] == 1:
+            return _scan_scalar(x, g, beta, q, S0, chunk_size)
+        return _ScanSlots.apply(x, g, beta, q, S0, chunk_size, L)
 
 
 def _chunks(t, C):
@@ -315,6 +318,11 @@ class _ScanSlots(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dS_final):
+        with torch.autocast(dy.device.type, enabled=False):   # float32, as the forward (backward may run under autocast)
+            return _ScanSlots.grads(ctx, dy, dS_final)
+
+    @staticmethod
+    def grads(ctx, dy, dS_final):
         xc, G, bc, qc, W, A, S_final, from_r, to_end = ctx.saved_tensors
         T, L, g_dtype, beta_dtype, q_dtype = ctx.shape
         B, H, n, C, P = xc.shape

@@ -142,3 +142,18 @@ def test_sparse_step_touches_only_active_rows():
     assert rel_err(y, y_ref) <= 1e-6 and rel_err(S_new, S_ref) <= 1e-6
     changed = (S_new != S).any(-1)                                   # (B,H,M)
     assert (changed.sum(-1) == K).all()
+
+
+@pytest.mark.parametrize('routing', ['dense', 'broadcast'])
+def test_chunked_scan_computes_in_float32_under_autocast(routing):
+    """train.py --dtype=bfloat16 runs the forward under autocast (and the backward after it, as
+    PyTorch advises): the scan must still compute in float32, not hand its matmuls to bf16."""
+    x, g, beta, q = (t.requires_grad_() for t in inputs(40, routing, 'weak'))
+    y, S = scan_chunked(x, g, beta, q, chunk_size=CHUNK)
+    ref = torch.autograd.grad((y.square().sum() + S.sum()), (x, g, beta, q))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y_ac, S_ac = scan_chunked(x, g, beta, q, chunk_size=CHUNK)
+    got = torch.autograd.grad((y_ac.square().sum() + S_ac.sum()), (x, g, beta, q))   # outside, as train.py
+    assert y_ac.dtype == torch.float32 and rel_err(y_ac, y) <= 1e-6 and rel_err(S_ac, S) <= 1e-6
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= 1e-5
