@@ -7,6 +7,10 @@ key-value pairs can a model store in its state and read back?
     python recall.py --models=attention,fm_sparse:n_slots=256 --pairs=8,32 --train_steps=300
     python recall.py --help                  # every key with its default
 
+The defaults fit ~15 min of a 2-core CPU, and at 400 steps no model has yet learned to bind keys
+to values (the training curves show it). On that CPU binding appeared at about 8000 steps for
+2 x 64 models (--train_steps=8000 --warmup_steps=200; results/recall/steps8000/).
+
 A sequence of seq_len tokens holds n key-value pairs, then the same n keys again in a random
 order, each followed by its value, then padding:
 
@@ -76,7 +80,7 @@ class RecallConfig:
     expand: int = 1
     head_dim: int = 32                   # recurrent heads = expand * n_embd / head_dim
     # training
-    train_steps: int = 400
+    train_steps: int = 400               # too few to learn binding; ~8000 needed (see the docstring)
     batch_size: int = 16
     learning_rate: float = 3e-3
     min_lr: float = 3e-4
