@@ -39,18 +39,24 @@ def scan_step(state, x, g, beta, q):
 def scan_step_sparse(state, x, g, beta, q, idx):
     """One token of a sparse layer: only the K selected rows of S are read and written.
 
-    state (B,H,M,P) float32, updated in place; x (B,H,P); g, beta, q (B,H,K), the
-    values at slots idx (B,K), which all heads share. It equals scan_step with g,
-    beta, q zero outside idx: a zero log-decay and a zero write leave a row as it was.
+    state (B,H,M,P) float32, updated in place (made contiguous first if it is not); x (B,H,P);
+    g, beta, q (B,H,K), the values at slots idx (B,K), which all heads share. It equals
+    scan_step with g, beta, q zero outside idx: a zero log-decay and a zero write leave a row
+    as it was. A step is a few microseconds of arithmetic, so its cost is the number of ops
+    (each a few microseconds of dispatch on CPU): the K rows are taken as one flat row list,
+    updated by one batched matmul-add and read by one batched matmul.
     """
     B, H, M, P = state.shape
-    rows = idx[:, None, :, None].expand(B, H, idx.shape[1], P)   # (B,H,K,P)
-    S_k = state.gather(2, rows)                                  # touch K rows, not M
-    # as scan_step, in place on the gathered rows and with a matmul for the read: a step is a few
-    # microseconds of arithmetic, so the number of ops (each ~1-2 us of dispatch) is its cost
-    S_k.mul_(torch.exp(g.float())[..., None]).addcmul_(beta.float()[..., None], x.float()[..., None, :])
-    y = (q.float()[..., None, :] @ S_k)[..., 0, :]               # (B,H,P)
-    state.scatter_(2, rows, S_k)
+    K = idx.shape[1]
+    state = state.contiguous()
+    rows = (idx[:, None, :] + M * torch.arange(B * H, device=idx.device).view(B, H, 1)).view(-1)  # (B*H*K)
+    S_flat = state.view(B * H * M, P)
+    S_k = S_flat.index_select(0, rows).view(B * H, K, P)                # touch K rows, not M
+    # S_k = exp(g) * S_k + beta x^T   (the rank-1 write, per head)
+    S_k = torch.baddbmm(S_k * torch.exp(g.float()).view(B * H, K, 1),
+                        beta.float().view(B * H, K, 1), x.float().view(B * H, 1, P))
+    y = torch.bmm(q.float().view(B * H, 1, K), S_k).view(B, H, P)       # y = q^T S_k
+    S_flat.index_copy_(0, rows, S_k.view(B * H * K, P))
     return y.to(x.dtype), state
 
 
