@@ -29,25 +29,12 @@ F32, BF16 = torch.float32, torch.bfloat16
 DEV = 'cuda'
 
 
-class _NaNEmptyTorch:
-    """torch, except that torch.empty is filled with NaN: kernels.py's view of torch while a test runs."""
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, **kw):
-        t = torch.empty(*size, **kw)
-        return t.fill_(float('nan')) if t.is_floating_point() else t
-
-
 @pytest.fixture(autouse=True)
-def exact_fp32_and_poison(monkeypatch):
+def exact_fp32_and_poison(monkeypatch, poisoned_empty):
     """fp32 means fp32: no TF32 in cuBLAS or cuDNN (the conv) while these tests run; and every
     buffer kernels.py allocates (outputs, partial sums, states) starts as NaN."""
-    import kernels
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    monkeypatch.setattr(kernels, 'torch', _NaNEmptyTorch())
 
 
 def rel_err(a, b):
