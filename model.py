@@ -177,14 +177,14 @@ class RecurrentMixer(nn.Module):
             beta = Δ[..., None] * r.float()[..., None, :]          # Δ·B_t
             return g, beta, q.float()[..., None, :].expand_as(beta), None
         w, idx = self.route(r)                                     # (..., M)
-        if self.n_dt == self.M:                                    # per-slot rate: Δ[t,i], shared by the heads
-            beta = (Δ * w)[..., None, :].expand(*w.shape[:-1], self.H, self.M)  # write strength Δ_i·w_i
-            g = A[:, None] * beta                                  # log-decay A_h·Δ_i·w_i <= 0
-        else:
-            beta = Δ[..., None] * w[..., None, :]                  # write strength into slot i
-            g = A[:, None] * beta                                  # log-decay of slot i: Δ·A·w <= 0
-        q_read = q.float() if idx is None else q.float() * (w > 0)   # sparse: read only active slots
-        return g, beta, q_read[..., None, :].expand_as(beta), idx
+        if self.config.update_rate == 'slot':                      # Δ[t,i], shared by the heads
+            beta = (Δ * w)[..., None, :].expand(*w.shape[:-1], self.H, self.M)
+        else:                                                      # Δ[t,h]
+            beta = Δ[..., None] * w[..., None, :]                  # write strength into slot i: Δ·w
+        g = A[:, None] * beta                                      # log-decay of slot i: Δ·A·w <= 0
+        if idx is not None:                                        # sparse: read only the k active slots
+            q = q.float() * torch.zeros_like(w).scatter(-1, idx, 1.0)
+        return g, beta, q.float()[..., None, :].expand_as(beta), idx
 
     def inputs(self, xrq, dt):
         """The conv's output xrq (..., E·D + 2M) and dt -> the scan's inputs x (..., H, P) and
