@@ -239,8 +239,14 @@ def _sub_decays(G, L):
     G_end, G_r = _sub_boundaries(G_)
     from_r = torch.exp(G_ - G_r[..., None, :])
     to_end = torch.exp(G_end[..., None, :] - G_)
+    return (G_, G_r, G_end, from_r, to_end, *_sub_span(G_r, G_end))
+
+
+def _sub_span(G_r, G_end):
+    """decay = e^{G_r' - G_r} (B,H,n,k,M), each sub-chunk's whole decay, and wide (B,H,n,k) bool
+    or None: the sub-chunks that decay by more than MAX_SPAN nats on some slot."""
     wide = (G_r - G_end).amax(-1) > MAX_SPAN
-    return G_, G_r, G_end, from_r, to_end, torch.exp(G_end - G_r), (wide if wide.any() else None)
+    return torch.exp(G_end - G_r), (wide if wide.any() else None)
 
 
 def _diagonal(q_from, b_to, G, q, beta, wide):
@@ -338,9 +344,7 @@ class _ScanSlots(torch.autograd.Function):
         x_, b_, q_, dy_ = sub(xc), sub(bc), sub(qc), sub(dyc)
         G_ = sub(G)
         G_end, G_r = _sub_boundaries(G_)
-        decay = torch.exp(G_end - G_r)
-        wide = (G_r - G_end).amax(-1) > MAX_SPAN
-        wide = wide if wide.any() else None
+        decay, wide = _sub_span(G_r, G_end)
         dS_final = dS_final.float()
         q_from, b_end = q_ * from_r, b_ * to_end
         # 1. dD_c = (q * e^{G})^T dy, with e^{G} = e^{G_r} e^{G - G_r}
