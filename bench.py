@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 import scan as fm_scan
+from common import ints, load_checkpoint, model_from_checkpoint, parse_config, read_config_file
 from model import ModelConfig
 
 
@@ -229,7 +230,6 @@ class TrainBench:
 def train_models(cfg):
     """{mixer: ModelConfig kwargs}, the model of config/shakespeare_char_<mixer>.py (ModelConfig's
     defaults, 4 x 128, and 5 layers for attention: equal parameter counts)."""
-    from common import read_config_file
     keys = ('n_layer', 'n_embd', 'n_head', 'n_slots', 'top_k', 'expand', 'head_dim', 'update_rate', 'chunk_size')
     out = {}
     for mixer in [m for m in cfg.mixers.split(',') if m]:
@@ -531,20 +531,15 @@ def decode_tables(rows, cfg, threads, device):
 
 
 def bench_decode(cfg):
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        sys.exit("bench.py decode: --device=cuda but CUDA is not available here; use --device=cpu (or auto)")
-    threads = cfg.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
-    contexts = [int(c) for c in cfg.contexts.split(',') if c]
+    device = pick_device(cfg.device, 'decode')
+    threads = set_threads(cfg.threads)
+    contexts = ints(cfg.contexts, 'contexts', 'bench.py decode')
     mixers = [m for m in cfg.mixers.split(',') if m]
     if cfg.out_dirs:   # trained models instead: {mixer: LM}
-        from common import load_checkpoint, model_from_checkpoint
         models = [model_from_checkpoint(load_checkpoint(os.path.join(d, 'ckpt.pt')), 'cpu', dropout=0.0)
                   for d in cfg.out_dirs.split(',') if d]
         mixers = {m.config.mixer: m for m in models}
-    slots = [int(m) for m in cfg.slots.split(',') if m]
+    slots = ints(cfg.slots, 'slots', 'bench.py decode')
     print(f"decode benchmark on {device}, torch {torch.__version__}, {threads} threads", flush=True)
     rows = []
     with torch.no_grad():
@@ -571,7 +566,6 @@ if __name__ == '__main__':
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
         sys.exit(f"usage: python bench.py {{{'|'.join(BENCHES)}}} [--key=value ...]")
     cls, run = BENCHES[sys.argv[1]]
-    from common import parse_config
     cfg = cls()
     parse_config(cfg, sys.argv[2:], prog=f'bench.py {sys.argv[1]}')
     run(cfg)

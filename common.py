@@ -57,6 +57,20 @@ def _literal(raw, typ):
         return {'true': True, 'false': False}.get(raw.lower(), raw)
 
 
+def value(raw, typ):
+    """A command-line string as the field type typ (a Python literal; the text itself for str);
+    ValueError if it is not one."""
+    return _check(_literal(raw, typ), typ)
+
+
+def ints(csv, key, prog):
+    """'1,2,4' -> [1, 2, 4]; anything else exits with one line naming the key."""
+    try:
+        return [int(v) for v in str(csv).split(',') if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{prog}: --{key}={csv} must be comma-separated integers, e.g. 1,2,4") from None
+
+
 def read_config_file(path):
     """{key: value} of a config file of flat `key = literal` assignments."""
     try:

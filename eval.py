@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import REPO_DIR, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, train_tokens
+from common import REPO_DIR, ints, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, train_tokens
 
 @dataclass
 class EvalConfig:
@@ -39,13 +39,6 @@ class EvalConfig:
     table: str = 'results/eval.md'
     plot: str = 'results/eval.png'
     json: str = 'results/eval.json'
-
-
-def ints(csv):
-    try:
-        return [int(v) for v in str(csv).split(',') if v.strip()]
-    except ValueError:
-        raise SystemExit(f"eval.py: --lengths={csv} must be comma-separated integers, e.g. 1,2,4,8") from None
 
 
 def log(msg):
@@ -94,7 +87,7 @@ def evaluate(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    mults = ints(cfg.lengths)
+    mults = ints(cfg.lengths, 'lengths', 'eval.py')
     if not mults or any(m < 1 for m in mults):
         raise SystemExit(f"eval.py: --lengths={cfg.lengths} must be positive integers (multiples of block_size)")
     for path in (cfg.table, cfg.plot, cfg.json):   # before the evaluation, which can take long

@@ -115,7 +115,7 @@ def parse_config(cfg, argv):
     if cfg.smoke:
         for k, v in SMOKE.items():
             setattr(cfg, k, explicit.get(k, v))
-    pairs = ints(cfg.pairs)
+    pairs = pair_counts(cfg)
     if not pairs or min(pairs) < 1:
         raise SystemExit(f"recall.py: --pairs={cfg.pairs!r} must be positive integers")
     if 4 * max(pairs) > cfg.seq_len:
@@ -127,11 +127,8 @@ def parse_config(cfg, argv):
     return cfg
 
 
-def ints(csv):
-    try:
-        return [int(v) for v in str(csv).split(',') if v.strip()]
-    except ValueError:
-        raise SystemExit(f"recall.py: {csv!r} must be comma-separated integers")
+def pair_counts(cfg):
+    return common.ints(cfg.pairs, 'pairs', 'recall.py')
 
 
 def model_specs(cfg):
@@ -151,7 +148,7 @@ def model_specs(cfg):
                 raise SystemExit(f"recall.py: model {spec!r}: {k!r} is not a ModelConfig key in this model.py "
                                  f"(keys: {', '.join(keys)})")
             try:
-                args[k] = hints[k](v)
+                args[k] = common.value(v, hints[k])
             except ValueError:
                 raise SystemExit(f"recall.py: model {spec!r}: {k}={v!r} must be a {hints[k].__name__}")
         try:
@@ -221,7 +218,7 @@ def lr_at(step, cfg):
 
 
 def train(model, cfg, model_seed):
-    pairs = torch.tensor(ints(cfg.pairs))
+    pairs = torch.tensor(pair_counts(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)                  # the same batches for every model
     torch.manual_seed(model_seed)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.99), 'cpu')
@@ -249,7 +246,7 @@ def evaluate(model, cfg):
     """{pairs: (accuracy, loss)} on eval_seqs held-out sequences per pair count."""
     model.eval()
     out = {}
-    for n in ints(cfg.pairs):
+    for n in pair_counts(cfg):
         gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 + n)   # disjoint from the training stream
         correct, total, loss_sum = 0, 0, 0.0
         for i in range(0, cfg.eval_seqs, cfg.batch_size):
@@ -283,7 +280,7 @@ def decode_cost(model, cfg):
     """State bytes after a prefill of seq_len tokens, and the median ms of one LM.step at that position."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = max(ints(cfg.pairs))
+    n = max(pair_counts(cfg))
     x, _ = mqar_batch(torch.tensor([n]), cfg.seq_len, cfg.num_keys, cfg.num_values, gen)
     _, caches = model.prefill(x)
     state, touched = LM.cache_bytes(caches), touched_bytes(model, caches)
@@ -303,7 +300,7 @@ def decode_cost(model, cfg):
 
 
 def write_table(results, cfg, path):
-    pairs = ints(cfg.pairs)
+    pairs = pair_counts(cfg)
     lines = ['| model | params | ' + ' | '.join(f'{n} pairs' for n in pairs) +
              ' | state KiB | KiB touched / token | ms / token | train min |',
              '|---|---|' + '---|' * len(pairs) + '---|---|---|---|']
@@ -326,7 +323,7 @@ def plots(results, cfg, out_dir):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    pairs = ints(cfg.pairs)
+    pairs = pair_counts(cfg)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         ax.plot(pairs, [r['eval'][str(n)]['acc'] for n in pairs], 'o-', label=r['label'])
