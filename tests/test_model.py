@@ -239,3 +239,14 @@ def test_mixer_equals_the_design_equations(mixer):
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * m.norm.weight
         expected = m.out_proj(y)
         assert rel_err(m(u), expected) <= 1e-5
+
+
+def test_per_head_rate_when_heads_equal_slots():
+    """H = m = 4: the per-head rate must still be Δ[h], not read as one rate per slot."""
+    m = RecurrentMixer(tiny('fm', n_slots=4))
+    assert m.H == m.M == 4
+    torch.manual_seed(0)
+    r, q, dt = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4)
+    g, beta, _, _ = m.gates(r, q, dt)
+    delta = torch.nn.functional.softplus(dt + m.dt_bias)         # (5, H)
+    assert torch.allclose(beta, delta[..., None] * r.softmax(-1)[:, None, :], atol=1e-7)
