@@ -44,7 +44,8 @@ class ModelConfig:
     n_slots: int = 64           # m: memory slots (Mamba-2: state size N)
     top_k: int = 8              # k: slots written and read per token (fm_sparse)
     update_rate: str = 'head'   # Δ per head (Mamba-2's), or 'slot': per slot, shared by the heads (fm, fm_sparse)
-    d_conv: int = 4
+    d_conv: int = 4             # width of the short causal conv before the recurrent scan
+    attn_conv: bool = False     # attention: the same short conv on q, k, v (off: plain attention)
     chunk_size: int = 64
     scan: str = 'auto'          # auto: Triton on CUDA, chunked PyTorch elsewhere
 
@@ -65,6 +66,8 @@ class ModelConfig:
         need(self.update_rate in ('head', 'slot'), 'update_rate', "must be 'head' or 'slot'")
         need(self.update_rate == 'head' or self.mixer in ('fm', 'fm_sparse'), 'update_rate',
              f"'slot' is for the FM mixers (fm, fm_sparse), not {self.mixer}")
+        need(not self.attn_conv or self.mixer == 'attention', 'attn_conv',
+             f"is for mixer='attention' ({self.mixer} always has its short conv)")
         if self.mixer == 'attention':
             need(self.n_embd % self.n_head == 0, 'n_head', f"must divide n_embd={self.n_embd}")
             need((self.n_embd // self.n_head) % 2 == 0, 'n_head',
@@ -101,6 +104,25 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class ShortConv(nn.Conv1d):
+    """A causal depthwise conv of width d_conv: each channel mixes its own last d_conv inputs.
+    It lets a token see its neighbours before the mixer, e.g. a value the key just before it."""
+    def __init__(self, channels, d_conv):
+        super().__init__(channels, channels, d_conv, groups=channels, padding=d_conv - 1)
+
+    def forward(self, x):
+        """x (B,T,ch) -> (B,T,ch), and the step's window: the last d_conv-1 inputs (B,ch,d_conv-1),
+        zeros before the start as the conv's padding."""
+        T = x.shape[1]
+        y = super().forward(x.transpose(1, 2))[..., :T].transpose(1, 2)   # causal: keep the first T
+        return y, F.pad(x.transpose(1, 2), (self.kernel_size[0] - 1, 0))[..., T:]
+
+    def step(self, x, window):
+        """x (B,ch), window (B,ch,d_conv-1) -> y (B,ch) and the next window."""
+        full = torch.cat([window, x[..., None]], dim=-1)           # (B, ch, d_conv)
+        return ((full * self.weight[:, 0]).sum(-1) + self.bias).to(x.dtype), full[..., 1:]  # dtype as under autocast
 
 
 # -----------------------------------------------------------------------------
@@ -144,8 +166,7 @@ class RecurrentMixer(nn.Module):
         # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H, or m per slot)
         self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.n_dt, bias=config.bias)
         self.conv_dim = self.d_inner + 2 * self.M      # conv over [x, r, q]
-        self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
-                              padding=config.d_conv - 1)
+        self.conv = ShortConv(self.conv_dim, config.d_conv)
         # Mamba-2's initialisation: Δ = softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in [-16, -1].
         dt = torch.exp(torch.rand(self.n_dt) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
@@ -208,27 +229,21 @@ class RecurrentMixer(nn.Module):
     # --- parallel form -------------------------------------------------------
     def forward(self, u, return_cache=False):
         """u (B,T,n_embd) -> (B,T,n_embd), and with return_cache the cache to decode on from."""
-        B, T, _ = u.shape
         z, xrq, dt = self.split(self.in_proj(u))
-        xrq_c = self.conv(xrq.transpose(1, 2))[..., :T].transpose(1, 2)   # causal: keep the first T
+        xrq_c, window = self.conv(xrq)
         x, g, beta, q_read, _ = self.inputs(xrq_c, dt)              # (B,T,H,P), (B,T,H,M)
         scan, _, _ = scan_impls(self.config, u.device)
         y, S = scan(x, g, beta, q_read)
         out = self.output(y, x, z)
         if not return_cache:
             return out
-        # The step's conv needs the last d_conv-1 inputs (zeros before the start, as the conv's padding).
-        K = self.config.d_conv - 1
-        conv = F.pad(xrq.transpose(1, 2), (K, 0))[..., T:]         # (B, ch, K)
-        return out, RecurrentCache(conv=conv, S=S)
+        return out, RecurrentCache(conv=window, S=S)
 
     # --- one token -----------------------------------------------------------
     def step(self, u, cache):
         """u (B,n_embd) -> (B,n_embd); updates cache in place. Cost does not grow with position."""
         z, xrq, dt = self.split(self.in_proj(u))
-        window = torch.cat([cache.conv, xrq[..., None]], dim=-1)   # (B, ch, d_conv)
-        cache.conv = window[..., 1:]
-        xrq_c = ((window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias).to(xrq.dtype)  # as the conv under autocast
+        xrq_c, cache.conv = self.conv.step(xrq, cache.conv)
         x, g, beta, q_read, idx = self.inputs(xrq_c, dt)           # (B,H,P), (B,H,M), idx (B,k)
         _, step, step_sparse = scan_impls(self.config, u.device)
         if idx is None:
@@ -252,6 +267,7 @@ class KVCache:
     k: torch.Tensor      # (B, n_head, capacity, hd)
     v: torch.Tensor
     len: int = 0
+    conv: torch.Tensor = None   # (B, 3·n_embd, d_conv-1) with attn_conv: the conv's last inputs
 
 
 def rope(x, pos):
@@ -270,29 +286,38 @@ class Attention(nn.Module):
         self.nh = config.n_head
         self.hd = config.n_embd // config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # attn_conv: a key can carry the token before it, so one layer can look up "the token after
+        # this key" without a second layer's previous-token head (the recurrent mixers' conv does the same)
+        self.conv = ShortConv(3 * config.n_embd, config.d_conv) if config.attn_conv else None
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def heads(self, u, pos):
-        B, T, C = u.shape
-        q, k, v = self.qkv(u).view(B, T, 3, self.nh, self.hd).permute(2, 0, 3, 1, 4)  # (B,nh,T,hd) each
+    def heads(self, qkv, pos):
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.nh, self.hd).permute(2, 0, 3, 1, 4)  # (B,nh,T,hd) each
         return rope(q, pos), rope(k, pos), v
 
     def forward(self, u, return_cache=False):
         B, T, C = u.shape
-        q, k, v = self.heads(u, torch.arange(T, device=u.device))
+        qkv, window = self.qkv(u), None                            # (B,T,3C)
+        if self.conv is not None:
+            qkv, window = self.conv(qkv)
+        q, k, v = self.heads(qkv, torch.arange(T, device=u.device))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         out = self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(B, T, C)))
         if not return_cache:
             return out
-        return out, KVCache(k=k, v=v, len=T)
+        return out, KVCache(k=k, v=v, len=T, conv=window)
 
     def step(self, u, cache):
         B, C = u.shape
         pos = torch.tensor([cache.len], device=u.device)
-        q, k, v = self.heads(u[:, None], pos)
+        qkv = self.qkv(u)                                          # (B,3C)
+        if self.conv is not None:
+            qkv, cache.conv = self.conv.step(qkv, cache.conv)
+        q, k, v = self.heads(qkv[:, None], pos)
         if cache.len == cache.k.shape[2]:                          # grow by doubling: amortised O(1) appends
             cache.k = torch.cat([cache.k, torch.zeros_like(cache.k)], dim=2)
             cache.v = torch.cat([cache.v, torch.zeros_like(cache.v)], dim=2)
@@ -304,7 +329,9 @@ class Attention(nn.Module):
 
     def new_cache(self, B, device):
         z = torch.zeros(B, self.nh, 16, self.hd, device=device)
-        return KVCache(k=z, v=z.clone(), len=0)
+        conv = None if self.conv is None else torch.zeros(B, self.conv.in_channels, self.conv.kernel_size[0] - 1,
+                                                          device=device)
+        return KVCache(k=z, v=z.clone(), len=0, conv=conv)
 
 
 # -----------------------------------------------------------------------------
@@ -413,7 +440,9 @@ class LM(nn.Module):
             if isinstance(c, KVCache):
                 total += 2 * c.k[:, :, :c.len].numel() * c.k.element_size()
             else:
-                total += c.conv.numel() * c.conv.element_size() + c.S.numel() * c.S.element_size()
+                total += c.S.numel() * c.S.element_size()
+            if c.conv is not None:
+                total += c.conv.numel() * c.conv.element_size()
         return total
 
     @torch.no_grad()

@@ -40,6 +40,7 @@ from this script's config.
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -55,6 +56,7 @@ from model import LM, KVCache, ModelConfig
 
 DEFAULT_MODELS = ','.join([
     'attention',
+    'attention:attn_conv=True',
     'fm_sparse:n_slots=64:top_k=16',
     'fm_sparse:n_slots=256:top_k=16',
     'fm_sparse:n_slots=1024:top_k=16',
@@ -80,18 +82,19 @@ class RecallConfig:
     expand: int = 1
     head_dim: int = 32                   # recurrent heads = expand * n_embd / head_dim
     # training
-    train_steps: int = 400               # too few to learn binding; ~8000 needed (see the docstring)
+    train_steps: int = 3000
     batch_size: int = 16
     learning_rate: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
     weight_decay: float = 0.1
-    log_interval: int = 25               # a point on the training curve every this many steps
+    log_interval: int = 50               # a point on the training curve every this many steps
     # evaluation and decode cost
     eval_seqs: int = 256                 # held-out sequences per pair count
     decode_steps: int = 50               # LM.step timings (median) after 5 warm-up steps
     # system
-    threads: int = 1                     # torch CPU threads (0 = leave torch's default)
+    jobs: int = 2                        # models trained at once, each in its own process
+    threads: int = 1                     # torch CPU threads per process (0 = leave torch's default)
     seed: int = 1337
     out_dir: str = 'results/recall'
     smoke: bool = False                  # tiny settings for a test (overrides the sizes above)
@@ -164,7 +167,7 @@ def model_specs(cfg):
 def label(mc):
     """A short name: 'fm_sparse m=256 k=16', 'mamba2 N=16', 'attention'."""
     if mc.mixer == 'attention':
-        return 'attention'
+        return 'attention+conv' if mc.attn_conv else 'attention'
     s = f"{mc.mixer} N={mc.n_slots}" if mc.mixer == 'mamba2' else f"{mc.mixer} m={mc.n_slots}"
     if mc.mixer == 'fm_sparse':
         s += f" k={mc.top_k}"
@@ -217,7 +220,7 @@ def lr_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, ratio))) * (cfg.learning_rate - cfg.min_lr)
 
 
-def train(model, cfg, model_seed):
+def train(model, cfg, model_seed, name):
     pairs = torch.tensor(pair_counts(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)                  # the same batches for every model
     torch.manual_seed(model_seed)
@@ -237,7 +240,7 @@ def train(model, cfg, model_seed):
         opt.step()
         if step % cfg.log_interval == 0 or step == cfg.train_steps - 1:
             curve.append({'step': step, 'loss': loss.item(), 'acc': query_accuracy(logits.detach(), y)})
-            print(f"  step {step}: loss {curve[-1]['loss']:.3f}, query accuracy {curve[-1]['acc']:.3f}", flush=True)
+            print(f"  {name} step {step}: loss {curve[-1]['loss']:.3f}, query accuracy {curve[-1]['acc']:.3f}", flush=True)
     return curve, time.time() - t0
 
 
@@ -268,6 +271,7 @@ def touched_bytes(model, caches):
     for block, c in zip(model.blocks, caches):
         if isinstance(c, KVCache):
             total += 2 * c.k[:, :, :c.len].numel() * c.k.element_size()
+            total += 0 if c.conv is None else c.conv.numel() * c.conv.element_size()
             continue
         B, H, M, P = c.S.shape
         rows = block.mixer.k if block.mixer.kind == 'fm_sparse' else M
@@ -381,32 +385,51 @@ def combine(cfg, argv):
     print(table)
 
 
+def train_and_score(job):
+    """(cfg, i, spec, mc) -> the i-th model's results and trained weights. Runs in a worker
+    process when --jobs > 1; the seeds depend on i only, so --jobs does not change the numbers."""
+    cfg, i, spec, mc = job
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + i)
+    model = LM(mc)
+    curve, train_s = train(model, cfg, cfg.seed + i, label(mc))
+    ev = evaluate(model, cfg)
+    print(f"{label(mc):<28} {model.get_num_params() / 1e3:7.0f}K params  acc " +
+          ' '.join(f"{n}:{a:.3f}" for n, (a, _) in ev.items()) +
+          f"  final train loss {curve[-1]['loss']:.3f}  ({train_s / 60:.1f} min)", flush=True)
+    r = {'spec': spec, 'label': label(mc), 'model_config': dataclasses.asdict(mc),
+         'params': model.get_num_params(), 'train_s': train_s, 'curve': curve,
+         'eval': {str(n): {'acc': a, 'loss': l} for n, (a, l) in ev.items()}}
+    return r, model.state_dict()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(RecallConfig(), argv)
     if cfg.combine:
         return combine(cfg, argv)
     specs = model_specs(cfg)
+    if cfg.jobs < 1:
+        raise SystemExit(f"recall.py: --jobs={cfg.jobs} must be >= 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)
     t_start = time.time()
+    jobs = [(cfg, i, spec, mc) for i, (spec, mc) in enumerate(specs)]
+    if cfg.jobs == 1:
+        done = [train_and_score(job) for job in jobs]
+    else:   # largest state first, so the slowest model starts at once and the others share the rest
+        first = sorted(range(len(jobs)), key=lambda i: -(0 if specs[i][1].mixer == 'attention' else specs[i][1].n_slots))
+        with multiprocessing.get_context('spawn').Pool(cfg.jobs) as pool:
+            out = pool.map(train_and_score, [jobs[i] for i in first], chunksize=1)
+        done = [out[first.index(i)] for i in range(len(jobs))]
     results = []
-    for i, (spec, mc) in enumerate(specs):
-        torch.manual_seed(cfg.seed + i)
+    for (spec, mc), (r, weights) in zip(specs, done):   # decode cost here, one model at a time on a quiet CPU
         model = LM(mc)
-        curve, train_s = train(model, cfg, cfg.seed + i)
-        ev = evaluate(model, cfg)
+        model.load_state_dict(weights)
         state, touched, ms = decode_cost(model, cfg)
-        r = {'spec': spec, 'label': label(mc), 'model_config': dataclasses.asdict(mc),
-             'params': model.get_num_params(), 'train_s': train_s, 'curve': curve,
-             'eval': {str(n): {'acc': a, 'loss': l} for n, (a, l) in ev.items()},
-             'state_bytes': state, 'touched_bytes': touched, 'ms_per_token': ms}
-        results.append(r)
-        print(f"{r['label']:<28} {r['params'] / 1e3:7.0f}K params  acc " +
-              ' '.join(f"{n}:{a:.3f}" for n, (a, _) in ev.items()) +
-              f"  final train loss {curve[-1]['loss']:.3f}  state {state / 1024:.1f} KiB  "
-              f"{ms:.3f} ms/token  ({train_s / 60:.1f} min)", flush=True)
+        results.append({**r, 'state_bytes': state, 'touched_bytes': touched, 'ms_per_token': ms})
     table = write_table(results, cfg, os.path.join(cfg.out_dir, 'recall.md'))
     plots(results, cfg, cfg.out_dir)
     try:   # the code this run used, for the record

@@ -26,11 +26,14 @@ def decode_all(model, idx, n_prompt):
     return torch.cat([logits] + steps, dim=1), caches
 
 
-@pytest.mark.parametrize('mixer', MIXERS)
+MODELS = [(m, {}) for m in MIXERS] + [('attention', dict(attn_conv=True))]
+
+
+@pytest.mark.parametrize('mixer,kw', MODELS)
 @pytest.mark.parametrize('n_prompt', [1, 2, 21])
-def test_parallel_forward_equals_recurrent_decoding(mixer, n_prompt):
+def test_parallel_forward_equals_recurrent_decoding(mixer, kw, n_prompt):
     torch.manual_seed(0)
-    model = LM(tiny(mixer)).eval()
+    model = LM(tiny(mixer, **kw)).eval()
     with torch.no_grad():   # larger weights than the init, so every mixer moves the logits a lot
         for p in model.parameters():
             if p.dim() >= 2:
@@ -52,10 +55,10 @@ def test_chunked_scan_model_equals_naive_scan_model():
     assert rel_err(other(idx)[0], ref(idx)[0]) <= 1e-5
 
 
-@pytest.mark.parametrize('mixer', MIXERS)
-def test_decoding_from_an_empty_cache_equals_the_forward(mixer):
+@pytest.mark.parametrize('mixer,kw', MODELS)
+def test_decoding_from_an_empty_cache_equals_the_forward(mixer, kw):
     torch.manual_seed(0)
-    model = LM(tiny(mixer)).eval()
+    model = LM(tiny(mixer, **kw)).eval()
     idx = torch.randint(0, 32, (2, 9))
     caches = model.new_cache(2, 'cpu')
     stepped = torch.stack([model.step(idx[:, t], caches) for t in range(9)], dim=1)
@@ -129,6 +132,7 @@ def test_tiny_model_overfits_one_batch(mixer):
     (dict(scan='cuda'), 'scan'),
     (dict(chunk_size=24), 'chunk_size'),
     (dict(mixer='attention', n_head=3), 'n_head'),
+    (dict(mixer='fm', attn_conv=True), 'attn_conv'),
     (dict(n_layer=0), 'n_layer'),
     (dict(dropout=1.0), 'dropout'),
     (dict(update_rate='topic'), 'update_rate'),
