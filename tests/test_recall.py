@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,10 +56,13 @@ def test_accuracy_counts_only_queries():
     assert recall.query_accuracy(logits, y) == 7 / 8
 
 
-def test_bad_input_is_one_line():
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py'), '--pairs=64', '--seq_len=100'],
+@pytest.mark.parametrize('args, name', [(['--pairs=64', '--seq_len=100'], 'seq_len'),
+                                        (['--smoke=True', '--jobs=0'], 'jobs')])
+def test_bad_input_is_one_line(args, name):
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py')] + args,
                        capture_output=True, text=True, cwd=REPO)
-    assert p.returncode != 0 and 'seq_len' in p.stderr and 'Traceback' not in p.stderr
+    assert p.returncode != 0 and name in p.stderr and 'Traceback' not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_end_to_end_smoke(tmp_path):
@@ -79,6 +83,14 @@ def test_end_to_end_smoke(tmp_path):
     sparse = d['results'][1]
     assert sparse['touched_bytes'] < sparse['state_bytes']           # k of m rows
     assert '| fm_sparse m=16 k=4 |' in (out / 'recall.md').read_text()
+
+    # the worker processes (--jobs=2, the default) change nothing but the wall time
+    p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py'), '--smoke=True', '--jobs=1',
+                        f"--out_dir={tmp_path / 'serial'}", '--models=attention,fm_sparse:n_slots=16:top_k=4,mamba2:n_slots=4'],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stderr[-2000:]
+    serial = json.loads((tmp_path / 'serial' / 'recall.json').read_text())
+    assert [(r['eval'], r['curve']) for r in serial['results']] == [(r['eval'], r['curve']) for r in d['results']]
 
     # --combine rewrites the outputs from recall.json alone (no training), in the default sweep's order
     p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py'), f'--combine={out}',
