@@ -386,4 +386,5 @@ while True:
 log(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; final val loss "
     f"{last_val if last_val is None else f'{last_val:.4f}'}; best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}")
 if ddp:
+    dist.barrier()              # no rank tears gloo down while another still talks to it (an abort at exit)
     dist.destroy_process_group()
