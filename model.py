@@ -124,6 +124,10 @@ class ShortConv(nn.Conv1d):
         full = torch.cat([window, x[..., None]], dim=-1)           # (B, ch, d_conv)
         return ((full * self.weight[:, 0]).sum(-1) + self.bias).to(x.dtype), full[..., 1:]  # dtype as under autocast
 
+    def new_window(self, B, device):
+        """The window before any input: zeros, as the conv's padding."""
+        return torch.zeros(B, self.in_channels, self.kernel_size[0] - 1, device=device)
+
 
 # -----------------------------------------------------------------------------
 # The recurrent mixers: FM (dense and sparse) and Mamba-2
@@ -254,7 +258,7 @@ class RecurrentMixer(nn.Module):
         return self.output(y, x, z)
 
     def new_cache(self, B, device):
-        return RecurrentCache(conv=torch.zeros(B, self.conv_dim, self.config.d_conv - 1, device=device),
+        return RecurrentCache(conv=self.conv.new_window(B, device),
                               S=torch.zeros(B, self.H, self.M, self.P, device=device))
 
 
@@ -329,8 +333,7 @@ class Attention(nn.Module):
 
     def new_cache(self, B, device):
         z = torch.zeros(B, self.nh, 16, self.hd, device=device)
-        conv = None if self.conv is None else torch.zeros(B, self.conv.in_channels, self.conv.kernel_size[0] - 1,
-                                                          device=device)
+        conv = None if self.conv is None else self.conv.new_window(B, device)
         return KVCache(k=z, v=z.clone(), len=0, conv=conv)
 
 

@@ -128,6 +128,8 @@ def parse_config(cfg, argv):
     if cfg.num_keys < max(pairs):
         raise SystemExit(f"recall.py: --num_keys={cfg.num_keys} must be >= max(pairs) = {max(pairs)} "
                          "(keys are distinct within a sequence)")
+    if cfg.jobs < 1:
+        raise SystemExit(f"recall.py: --jobs={cfg.jobs} must be >= 1")
     return cfg
 
 
@@ -270,13 +272,14 @@ def touched_bytes(model, caches):
     dense FM and Mamba-2 all of S, attention its whole KV cache (plus the conv windows)."""
     total = 0
     for block, c in zip(model.blocks, caches):
+        if c.conv is not None:
+            total += c.conv.numel() * c.conv.element_size()
         if isinstance(c, KVCache):
             total += 2 * c.k[:, :, :c.len].numel() * c.k.element_size()
-            total += 0 if c.conv is None else c.conv.numel() * c.conv.element_size()
-            continue
-        B, H, M, P = c.S.shape
-        rows = block.mixer.k if block.mixer.kind == 'fm_sparse' else M
-        total += c.conv.numel() * c.conv.element_size() + B * H * rows * P * c.S.element_size()
+        else:
+            B, H, M, P = c.S.shape
+            rows = block.mixer.k if block.mixer.kind == 'fm_sparse' else M
+            total += B * H * rows * P * c.S.element_size()
     return total
 
 
@@ -411,8 +414,6 @@ def main(argv=None):
     if cfg.combine:
         return combine(cfg, argv)
     specs = model_specs(cfg)
-    if cfg.jobs < 1:
-        raise SystemExit(f"recall.py: --jobs={cfg.jobs} must be >= 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)
