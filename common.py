@@ -199,11 +199,11 @@ def triton_runs_on(device):
 
 
 def model_from_checkpoint(ckpt, device='cpu', **overrides):
-    """The LM described by ckpt['model_args'] (with overrides, e.g. dropout=0.0 or scan='naive'),
+    """The LM described by ckpt['model_args'] (with overrides, e.g. dropout=0.0 or scan_impl='naive'),
     with the checkpoint's weights, on device. Mismatches exit with one line."""
     args = {**ckpt['model_args'], **overrides}
-    if args.get('scan') == 'triton' and not triton_runs_on(device):
-        args['scan'] = 'auto'   # trained with the Triton scan: the chunked one computes the same here
+    if args.get('scan_impl') == 'triton' and not triton_runs_on(device):
+        args['scan_impl'] = 'auto'   # trained with the Triton scan: the chunked one computes the same here
     try:
         model = LM(ModelConfig(**args))
     except (TypeError, ValueError) as e:

@@ -297,7 +297,7 @@ def _launch(kernel, grid, *args, **meta):
 def _require_runnable(t):
     if not t.is_cuda and isinstance(_chunk_state, triton.runtime.JITFunction):
         raise RuntimeError("kernels.py got CPU tensors: Triton runs on CPU only under its interpreter. "
-                           "Set TRITON_INTERPRET=1 before triton is first imported, or use scan='chunked'.")
+                           "Set TRITON_INTERPRET=1 before triton is first imported, or use scan_impl='chunked'.")
 
 
 class _ScanTriton(torch.autograd.Function):

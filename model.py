@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import scan as fm_scan
+import scan
 
 MIXERS = ('fm', 'fm_sparse', 'mamba2', 'attention')
-SCANS = ('auto', 'naive', 'chunked', 'triton')
+SCAN_IMPLS = ('auto', 'naive', 'chunked', 'triton')
 
 
 @dataclass
@@ -47,14 +47,14 @@ class ModelConfig:
     d_conv: int = 4             # width of the short causal conv before the recurrent scan
     attn_conv: bool = False     # attention: the same short conv on q, k, v (off: plain attention)
     chunk_size: int = 64
-    scan: str = 'auto'          # auto: Triton on CUDA, chunked PyTorch elsewhere
+    scan_impl: str = 'auto'     # auto: Triton on CUDA, chunked PyTorch elsewhere
 
     def __post_init__(self):
         def need(ok, name, msg):
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
         need(self.mixer in MIXERS, 'mixer', f"must be one of {', '.join(MIXERS)}")
-        need(self.scan in SCANS, 'scan', f"must be one of {', '.join(SCANS)}")
+        need(self.scan_impl in SCAN_IMPLS, 'scan_impl', f"must be one of {', '.join(SCAN_IMPLS)}")
         for name in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'expand',
                      'head_dim', 'n_slots', 'd_conv'):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
@@ -141,16 +141,16 @@ class RecurrentCache:
 
 def scan_impls(config, device):
     """The scan for the parallel forward, and the one-token steps (dense, sparse), for a device:
-    the Triton kernels with scan='triton' (which 'auto' means on CUDA), else scan.py."""
-    mode = config.scan
+    the Triton kernels with scan_impl='triton' (which 'auto' means on CUDA), else scan.py."""
+    mode = config.scan_impl
     if mode == 'auto':
         mode = 'triton' if torch.device(device).type == 'cuda' else 'chunked'
     if mode == 'triton':
         import kernels
         return (partial(kernels.scan_triton, chunk_size=config.chunk_size),
                 kernels.scan_step_triton, kernels.scan_step_sparse_triton)
-    scan = fm_scan.scan_naive if mode == 'naive' else partial(fm_scan.scan_chunked, chunk_size=config.chunk_size)
-    return scan, fm_scan.scan_step, fm_scan.scan_step_sparse
+    parallel = scan.scan_naive if mode == 'naive' else partial(scan.scan_chunked, chunk_size=config.chunk_size)
+    return parallel, scan.scan_step, scan.scan_step_sparse
 
 
 class RecurrentMixer(nn.Module):
@@ -165,7 +165,7 @@ class RecurrentMixer(nn.Module):
         self.P = config.head_dim
         self.H = self.d_inner // self.P
         self.M = config.n_slots
-        self.k = config.top_k
+        self.top_k = config.top_k
         self.n_dt = self.M if config.update_rate == 'slot' else self.H   # one Δ per slot, or per head
         # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H, or m per slot)
         self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.n_dt, bias=config.bias)
@@ -188,7 +188,7 @@ class RecurrentMixer(nn.Module):
         r = r.float()
         if self.kind != 'fm_sparse':
             return r.softmax(-1), None
-        top, idx = r.topk(self.k, dim=-1)
+        top, idx = r.topk(self.top_k, dim=-1)
         return torch.zeros_like(r).scatter(-1, idx, top.softmax(-1)), idx
 
     def gates(self, r, q, dt):
@@ -236,8 +236,8 @@ class RecurrentMixer(nn.Module):
         z, xrq, dt = self.split(self.in_proj(u))
         xrq_c, window = self.conv(xrq)
         x, g, beta, q_read, _ = self.inputs(xrq_c, dt)              # (B,T,H,P), (B,T,H,M)
-        scan, _, _ = scan_impls(self.config, u.device)
-        y, S = scan(x, g, beta, q_read)
+        parallel_scan, _, _ = scan_impls(self.config, u.device)
+        y, S = parallel_scan(x, g, beta, q_read)
         out = self.output(y, x, z)
         if not return_cache:
             return out
@@ -253,7 +253,7 @@ class RecurrentMixer(nn.Module):
         if idx is None:
             y, cache.S = step(cache.S, x, g, beta, q_read)
         else:                                                      # touch only the k active rows of S
-            pick = lambda t: t.gather(-1, idx[:, None, :].expand(*t.shape[:-1], self.k))  # (B,H,k)
+            pick = lambda t: t.gather(-1, idx[:, None, :].expand(*t.shape[:-1], self.top_k))  # (B,H,k)
             y, cache.S = step_sparse(cache.S, x, pick(g), pick(beta), pick(q_read), idx)
         return self.output(y, x, z)
 

@@ -83,7 +83,7 @@ class TrainConfig:
 # Keys a resumed run takes from this run's command line rather than from the checkpoint.
 RUNTIME_KEYS = ('init_from', 'out_dir', 'device', 'dtype', 'compile', 'peak_flops')
 # Model keys that can change on resume (they change how, not what, the model computes).
-RESUME_MODEL_OVERRIDES = ('dropout', 'scan', 'chunk_size')
+RESUME_MODEL_OVERRIDES = ('dropout', 'scan_impl', 'chunk_size')
 # Dense bf16 peak FLOP/s per GPU, for MFU when --peak_flops is not given.
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
 
@@ -243,9 +243,9 @@ if ckpt is not None:
     iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt.get('best_val_loss', float('inf')))
     tokens_seen = train_tokens(ckpt)   # no RNG state to restore: every step reseeds from (seed, iter, rank)
     ckpt = None   # free memory
-if model.config.scan == 'triton' and not triton_runs_on(device):
-    raise SystemExit(f"train.py: scan='triton' needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU "
-                     f"interpreter); on {device.type} use --scan=auto or --scan=chunked")
+if model.config.scan_impl == 'triton' and not triton_runs_on(device):
+    raise SystemExit(f"train.py: scan_impl='triton' needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU "
+                     f"interpreter); on {device.type} use --scan_impl=auto or --scan_impl=chunked")
 raw_model = model
 if cfg.compile:
     log("compiling the model (the first iteration and the first evaluation wait for it)")

@@ -168,8 +168,8 @@ MODEL_CASES = [(m, {}) for m in MIXERS] + [('fm_sparse', dict(n_slots=20, top_k=
                          '-'.join(f"{k}{x}" for k, x in v.items()) or 'default')
 def test_lm_on_cuda_equals_lm_on_cpu(mixer, kw):
     """Logits and the gradients of every parameter: the Triton path vs the PyTorch one."""
-    cpu = scaled_model(tiny(mixer, scan='chunked', **kw)).train()
-    gpu = LM(tiny(mixer, scan='auto', **kw)).to(DEV).train()
+    cpu = scaled_model(tiny(mixer, scan_impl='chunked', **kw)).train()
+    gpu = LM(tiny(mixer, scan_impl='auto', **kw)).to(DEV).train()
     gpu.load_state_dict(cpu.state_dict())
     idx = torch.randint(0, 64, (2, 100), generator=torch.Generator().manual_seed(0))
     out = {}

@@ -15,8 +15,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import bench  # noqa: E402
-import eval as fm_eval  # noqa: E402
+from experiments import bench  # noqa: E402
+from experiments import evaluate  # noqa: E402
 from model import LM, ModelConfig  # noqa: E402
 from common import CKPT_FORMAT  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_eval_smoke(tmp_path):
     runs = [make_checkpoint(str(tmp_path / m), m, data_dir, world_size=w)
             for m, w in (('fm_sparse', 1), ('attention', 2))]
     res = tmp_path / 'res'
-    fm_eval.main([f'--out_dirs={",".join(runs)}', '--lengths=1,2', '--eval_tokens=256', '--threads=1',
+    evaluate.main([f'--out_dirs={",".join(runs)}', '--lengths=1,2', '--eval_tokens=256', '--threads=1',
                   f'--table={res / "eval.md"}', f'--plot={res / "eval.png"}', f'--json={res / "eval.json"}'])
     for name in ('eval.md', 'eval.png', 'eval.json'):
         assert (res / name).stat().st_size > 0, name
@@ -78,7 +78,7 @@ def test_eval_smoke(tmp_path):
 
 def test_eval_rejects_missing_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match='no checkpoint'):
-        fm_eval.main([f'--out_dirs={tmp_path / "nothing"}', '--lengths=1'])
+        evaluate.main([f'--out_dirs={tmp_path / "nothing"}', '--lengths=1'])
 
 
 REQUIRED = ('mixer', 'n_slots', 'top_k', 'context', 'ms_per_token', 'state_bytes')
@@ -110,7 +110,7 @@ def test_bench_decode_smoke(tmp_path):
 
 def test_bench_decode_cli(tmp_path):
     path = tmp_path / 'd.json'
-    out = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), 'decode', '--device=cpu',
+    out = subprocess.run([sys.executable, '-m', 'experiments.bench', 'decode', '--device=cpu',
                           '--contexts=64,128', '--mixers=fm_sparse,attention', '--n_layer=1', '--n_embd=64',
                           '--n_head=2', '--n_slots=16', '--top_k=4', '--warmup=1', '--tokens=2', '--slots=',
                           f'--json={path}'], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -118,7 +118,7 @@ def test_bench_decode_cli(tmp_path):
     assert '| context |' in out.stdout
     rows = json.loads(path.read_text())
     assert {r['mixer'] for r in rows} == {'fm_sparse', 'attention'}
-    bad = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), 'decode', '--nonsense=1'],
+    bad = subprocess.run([sys.executable, '-m', 'experiments.bench', 'decode', '--nonsense=1'],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode != 0 and 'nonsense' in bad.stderr
 

@@ -48,8 +48,8 @@ def test_parallel_forward_equals_recurrent_decoding(mixer, kw, n_prompt):
 
 def test_chunked_scan_model_equals_naive_scan_model():
     torch.manual_seed(0)
-    ref = LM(tiny('fm_sparse', scan='naive'))
-    other = LM(tiny('fm_sparse', scan='chunked'))
+    ref = LM(tiny('fm_sparse', scan_impl='naive'))
+    other = LM(tiny('fm_sparse', scan_impl='chunked'))
     other.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 32, (2, 37))
     assert rel_err(other(idx)[0], ref(idx)[0]) <= 1e-5
@@ -129,7 +129,7 @@ def test_tiny_model_overfits_one_batch(mixer):
     (dict(mixer='fm_sparse', top_k=16), 'top_k'),       # = n_slots: that is the dense mixer
     (dict(head_dim=48), 'head_dim'),                    # 128 is not divisible by 48
     (dict(mixer='transformer'), 'mixer'),
-    (dict(scan='cuda'), 'scan'),
+    (dict(scan_impl='cuda'), 'scan_impl'),
     (dict(chunk_size=24), 'chunk_size'),
     (dict(mixer='attention', n_head=3), 'n_head'),
     (dict(mixer='fm', attn_conv=True), 'attn_conv'),

@@ -10,7 +10,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import recall  # noqa: E402
+from experiments import recall  # noqa: E402
 
 K, V, T = 16, 16, 40
 
@@ -59,7 +59,7 @@ def test_accuracy_counts_only_queries():
 @pytest.mark.parametrize('args, name', [(['--pairs=64', '--seq_len=100'], 'seq_len'),
                                         (['--smoke=True', '--jobs=0'], 'jobs')])
 def test_bad_input_is_one_line(args, name):
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py')] + args,
+    p = subprocess.run([sys.executable, '-m', 'experiments.recall'] + args,
                        capture_output=True, text=True, cwd=REPO)
     assert p.returncode != 0 and name in p.stderr and 'Traceback' not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
@@ -67,7 +67,7 @@ def test_bad_input_is_one_line(args, name):
 
 def test_end_to_end_smoke(tmp_path):
     out = tmp_path / 'recall'
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py'), '--smoke=True', f'--out_dir={out}',
+    p = subprocess.run([sys.executable, '-m', 'experiments.recall', '--smoke=True', f'--out_dir={out}',
                         '--models=attention,fm_sparse:n_slots=16:top_k=4,mamba2:n_slots=4'],
                        capture_output=True, text=True, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert p.returncode == 0, p.stderr[-2000:]
@@ -85,7 +85,7 @@ def test_end_to_end_smoke(tmp_path):
     assert '| fm_sparse m=16 k=4 |' in (out / 'recall.md').read_text()
 
     # the worker processes (--jobs=2, the default) change nothing but the wall time
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py'), '--smoke=True', '--jobs=1',
+    p = subprocess.run([sys.executable, '-m', 'experiments.recall', '--smoke=True', '--jobs=1',
                         f"--out_dir={tmp_path / 'serial'}", '--models=attention,fm_sparse:n_slots=16:top_k=4,mamba2:n_slots=4'],
                        capture_output=True, text=True, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert p.returncode == 0, p.stderr[-2000:]
@@ -93,7 +93,7 @@ def test_end_to_end_smoke(tmp_path):
     assert [(r['eval'], r['curve']) for r in serial['results']] == [(r['eval'], r['curve']) for r in d['results']]
 
     # --combine rewrites the outputs from recall.json alone (no training), in the default sweep's order
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'recall.py'), f'--combine={out}',
+    p = subprocess.run([sys.executable, '-m', 'experiments.recall', f'--combine={out}',
                         f"--out_dir={tmp_path / 'combined'}"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     d2 = json.loads((tmp_path / 'combined' / 'recall.json').read_text())

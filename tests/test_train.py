@@ -369,9 +369,9 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monk
 def test_bad_paths_exit_with_one_line(runs, data_dir, tmp_path, monkeypatch):
     """A file where a directory belongs, a missing --input, a bad --lengths: one line, nothing lost."""
     import importlib
-    import reproduce
+    from experiments import reproduce
     import sample
-    evaluate = importlib.import_module('eval')
+    evaluate = importlib.import_module('experiments.evaluate')
     file = tmp_path / 'a_file'
     file.write_text('x')
     cases = [(lambda: train_in_process(monkeypatch, f'--out_dir={file}'), 'must be a directory'),
@@ -452,7 +452,7 @@ def test_reproduce_two_configs(data_dir, tmp_path):
                      f"max_iters = 6\neval_interval = 3\neval_iters = 1\ndata_dir = '{data_dir}'\n")
         confs.append(str(f))
     res, runs_dir = tmp_path / 'res', tmp_path / 'runs'
-    p = run('reproduce.py', f'--configs={",".join(confs)}', f'--runs_dir={runs_dir}', f'--results_dir={res}',
+    p = run('-m', 'experiments.reproduce', f'--configs={",".join(confs)}', f'--runs_dir={runs_dir}', f'--results_dir={res}',
             '--round_iters=3', '--lengths=1,2', '--eval_args=--device=cpu --eval_tokens=256', '--decode=False',
             '--train_args=--device=cpu')
     assert 'every config at iteration 6 of 6' in p.stdout
@@ -466,7 +466,7 @@ def test_reproduce_two_configs(data_dir, tmp_path):
     summary = (res / 'summary.md').read_text()
     assert 'Trained 6 of 6 iterations per config' in summary and '| tiny_mamba2 | mamba2 |' in summary
     assert json.loads((res / 'reproduce.json').read_text())['iters'] == 6
-    import reproduce
+    from experiments import reproduce
     with pytest.raises(SystemExit, match='no config file config/nothing.py'):
         reproduce.main(['--configs=config/nothing.py'])
     # a config that does not set max_iters trains for train.py's default

@@ -1,9 +1,9 @@
 """
 Reproduce a comparison: train every config, evaluate beyond the training context, benchmark decoding.
 
-    python reproduce.py                                  # the four config/shakespeare_char_<mixer>.py
-    python reproduce.py --max_iters=600 --train_minutes=25
-    python reproduce.py --configs=config/long_fm.py,config/long_attention.py --runs_dir=out-long \\
+    python -m experiments.reproduce                                  # the four config/shakespeare_char_<mixer>.py
+    python -m experiments.reproduce --max_iters=600 --train_minutes=25
+    python -m experiments.reproduce --configs=config/long_fm.py,config/long_attention.py --runs_dir=out-long \\
         --results_dir=results/long --lengths=1,2,4,8,16 --decode=False
 
 1. Train: `python train.py <config>` for every config, into runs_dir/<config name>. Training runs
@@ -12,12 +12,14 @@ Reproduce a comparison: train every config, evaluate beyond the training context
    last round that fits in --train_minutes with every config at the same iteration count. The
    learning-rate schedule is always the one of --max_iters (0: the configs' own max_iters, which
    must agree), so a run cut short ends before its learning rate has decayed.
-2. Evaluate: `python eval.py` on every checkpoint at --lengths (multiples of block_size).
-3. Decode: `python bench.py decode` on the checkpoints (--decode=False skips it).
+2. Evaluate: `python -m experiments.evaluate` on every checkpoint at --lengths (multiples of block_size).
+3. Decode: `python -m experiments.bench decode` on the checkpoints (--decode=False skips it).
 
 Everything goes to results_dir: eval.md/.png/.json, decode.md/.json, reproduce.json (timings,
 parameter counts) and summary.md, which collects them.
 """
+if __name__ == '__main__' and not __package__:   # run as a module, so that the core imports
+    raise SystemExit('run it from the repo root as a module: python -m experiments.reproduce ...')
 import json
 import os
 import re
@@ -59,7 +61,7 @@ def run_logged(cmd, log_path):
     log(f"$ {shlex.join(cmd)}    (log: {log_path})")
     t0 = time.time()
     with open(log_path, 'w') as f:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in p.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -156,7 +158,7 @@ def main(argv=None):
     timings['train (all)'] = time.time() - t_start
 
     # --- 2. evaluate beyond the training context ---
-    cmd = [py, script('eval.py'), f'--out_dirs={",".join(out_dirs)}', f'--lengths={cfg.lengths}',
+    cmd = [py, '-m', 'experiments.evaluate', f'--out_dirs={",".join(out_dirs)}', f'--lengths={cfg.lengths}',
            f'--table={res}/eval.md', f'--plot={res}/eval.png', f'--json={res}/eval.json'] + shlex.split(cfg.eval_args)
     timings['eval'] = run_logged(cmd, os.path.join(res, 'eval.log'))
     with open(os.path.join(res, 'eval.json')) as f:
@@ -164,7 +166,7 @@ def main(argv=None):
 
     # --- 3. decoding speed and state size ---
     if cfg.decode:
-        cmd = [py, script('bench.py'), 'decode', f'--out_dirs={",".join(out_dirs)}', f'--json={res}/decode.json',
+        cmd = [py, '-m', 'experiments.bench', 'decode', f'--out_dirs={",".join(out_dirs)}', f'--json={res}/decode.json',
                f'--table={res}/decode.md'] + shlex.split(cfg.decode_args)
         timings['bench decode'] = run_logged(cmd, os.path.join(res, 'decode.log'))
     timings['total'] = time.time() - t_start
@@ -176,7 +178,7 @@ def main(argv=None):
                    'params': params, 'param_spread_percent': spread, 'torch': torch.__version__,
                    'cpu_count': os.cpu_count()}, f, indent=1)
     with open(os.path.join(res, 'summary.md'), 'w') as f:
-        f.write(f"# Reproduction: `{shlex.join(['python', 'reproduce.py'] + argv)}`\n\n")
+        f.write(f"# Reproduction: `{shlex.join(['python', '-m', 'experiments.reproduce'] + argv)}`\n\n")
         if skipped:
             f.write(f"(training continued from an earlier run's checkpoints with --skip_trained=True: "
                     f"{', '.join(skipped)}; the earlier run's time is not in the wall time below)\n\n")

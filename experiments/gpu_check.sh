@@ -203,10 +203,10 @@ EOF
 [ \$? -eq 0 ] || rc=1
 exit \$rc"
 
-SCAN="$PY bench.py scan --device=cuda --B=8 --T=4096 --H=16 --M=64 --P=64"
+SCAN="$PY -m experiments.bench scan --device=cuda --B=8 --T=4096 --H=16 --M=64 --P=64"
 run_step scan_bf16 cuda 150 "$SCAN --dtype=bfloat16 --json=$RES/scan_bf16.json"
 run_step scan_fp32 cuda 150 "$SCAN --dtype=float32 --json=$RES/scan_fp32.json"
-run_step decode cuda 150 "$PY bench.py decode --device=cuda --slots=1024,4096,16384 --slot_top_k=16 \
+run_step decode cuda 150 "$PY -m experiments.bench decode --device=cuda --slots=1024,4096,16384 --slot_top_k=16 \
     --contexts=1024,2048,4096,8192,16384,32768 --json=$RES/decode.json"
 
 run_step data any 90 "

@@ -2,10 +2,10 @@
 Multi-query associative recall (MQAR, the Zoology benchmark of Arora et al., 2023): how many
 key-value pairs can a model store in its state and read back?
 
-    python recall.py                         # the full sweep (defaults), into results/recall/
-    python recall.py --smoke=True --out_dir=/tmp/recall   # tiny settings, seconds
-    python recall.py --models=attention,fm_sparse:n_slots=256 --pairs=8,32 --train_steps=300
-    python recall.py --help                  # every key with its default
+    python -m experiments.recall                         # the full sweep (defaults), into results/recall/
+    python -m experiments.recall --smoke=True --out_dir=/tmp/recall   # tiny settings, seconds
+    python -m experiments.recall --models=attention,fm_sparse:n_slots=256 --pairs=8,32 --train_steps=300
+    python -m experiments.recall --help                  # every key with its default
 
 The defaults (9 models, 2400 steps, two worker processes) took 18.6 min on a 2-core CPU. Plain
 attention must build an induction head across its two layers and learns slowly; with the short
@@ -38,6 +38,8 @@ Models are given as a comma-separated list of mixer[:key=value...] with ModelCon
 fm_sparse:n_slots=256:top_k=16:update_rate=slot; the shared keys (n_layer, n_embd, ...) come
 from this script's config.
 """
+if __name__ == '__main__' and not __package__:   # run as a module, so that the core imports
+    raise SystemExit('run it from the repo root as a module: python -m experiments.recall ...')
 import dataclasses
 import json
 import math
@@ -278,7 +280,7 @@ def touched_bytes(model, caches):
             total += 2 * c.k[:, :, :c.len].numel() * c.k.element_size()
         else:
             B, H, M, P = c.S.shape
-            rows = block.mixer.k if block.mixer.kind == 'fm_sparse' else M
+            rows = block.mixer.top_k if block.mixer.kind == 'fm_sparse' else M
             total += B * H * rows * P * c.S.element_size()
     return total
 
@@ -381,7 +383,7 @@ def combine(cfg, argv):
     os.makedirs(cfg.out_dir, exist_ok=True)
     table = write_table(results, run_cfg, os.path.join(cfg.out_dir, 'recall.md'))
     plots(results, run_cfg, cfg.out_dir)
-    meta = {'command': ' '.join(['python', 'recall.py'] + argv), 'combined': [
+    meta = {'command': ' '.join(['python', '-m', 'experiments.recall'] + argv), 'combined': [
         {k: v for k, v in run.items() if k != 'results'} for run in runs],
         'wall_s': max(run['wall_s'] for run in runs), 'config': dataclasses.asdict(run_cfg)}
     with open(os.path.join(cfg.out_dir, 'recall.json'), 'w') as f:
@@ -436,10 +438,10 @@ def main(argv=None):
     plots(results, cfg, cfg.out_dir)
     try:   # the code this run used, for the record
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                                cwd=common.REPO_DIR).stdout.strip()
     except OSError:
         commit = ''
-    meta = {'commit': commit, 'command': ' '.join(['python', 'recall.py'] + argv),
+    meta = {'commit': commit, 'command': ' '.join(['python', '-m', 'experiments.recall'] + argv),
             'config': dataclasses.asdict(cfg), 'wall_s': time.time() - t_start, 'torch': torch.__version__,
             'machine': f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
     with open(os.path.join(cfg.out_dir, 'recall.json'), 'w') as f:

@@ -1,7 +1,7 @@
 """
 Evaluate checkpoints beyond their training context.
 
-    python eval.py --out_dirs=out-fm,out-attention --lengths=1,2,4,8,16 --plot=results/eval.png
+    python -m experiments.evaluate --out_dirs=out-fm,out-attention --lengths=1,2,4,8,16 --plot=results/eval.png
 
 Evaluation: for every checkpoint (out_dir/ckpt.pt, written by train.py), the validation
 loss and perplexity at context lengths L = 1x, 2x, 4x, 8x and 16x the training block_size.
@@ -14,6 +14,8 @@ position) is kept for every length and plotted for the longest one.
 
 Outputs: a markdown table (--table), a PNG plot (--plot), and every number in JSON (--json).
 """
+if __name__ == '__main__' and not __package__:   # run as a module, so that the core imports
+    raise SystemExit('run it from the repo root as a module: python -m experiments.evaluate ...')
 import json
 import math
 import os
@@ -54,7 +56,7 @@ def val_tokens(ckpt, cfg):
         path = os.path.join(d, tc.get('dataset', 'shakespeare_char'), 'val.bin')
         if os.path.exists(path):
             return np.array(np.memmap(path, dtype=np.uint16, mode='r'), dtype=np.int64)
-    raise SystemExit(f"eval.py: no val.bin for dataset '{tc.get('dataset')}' under {' or '.join(candidates)}; "
+    raise SystemExit(f"evaluate.py: no val.bin for dataset '{tc.get('dataset')}' under {' or '.join(candidates)}; "
                      f"prepare it (data/{tc.get('dataset')}/prepare.py) or pass --data_dir")
 
 
@@ -63,7 +65,7 @@ def windows(data, L, n_tokens):
     enough to cover n_tokens (at least one). Fewer if the split is too short."""
     n_max = (len(data) - 1) // L
     if n_max < 1:
-        raise SystemExit(f"eval.py: the validation split ({len(data)} tokens) is shorter than a window of {L + 1}")
+        raise SystemExit(f"evaluate.py: the validation split ({len(data)} tokens) is shorter than a window of {L + 1}")
     n = max(1, min(n_max, math.ceil(n_tokens / L)))
     starts = np.linspace(0, len(data) - L - 1, n).astype(np.int64) if n > 1 else np.array([0])
     return np.stack([data[s:s + L + 1] for s in starts])
@@ -89,16 +91,16 @@ def evaluate(cfg):
     device = resolve_device(cfg.device)
     mults = ints(cfg.lengths, 'lengths', 'eval.py')
     if not mults or any(m < 1 for m in mults):
-        raise SystemExit(f"eval.py: --lengths={cfg.lengths} must be positive integers (multiples of block_size)")
+        raise SystemExit(f"evaluate.py: --lengths={cfg.lengths} must be positive integers (multiples of block_size)")
     for path in (cfg.table, cfg.plot, cfg.json):   # before the evaluation, which can take long
         try:
             if os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
         except OSError as e:
-            raise SystemExit(f"eval.py: cannot write {path} ({e.strerror}); pick another path") from None
+            raise SystemExit(f"evaluate.py: cannot write {path} ({e.strerror}); pick another path") from None
     out_dirs = [d for d in cfg.out_dirs.split(',') if d]
     if not out_dirs:
-        raise SystemExit("eval.py: --out_dirs is empty; give the run directories, e.g. --out_dirs=out-fm,out-attention")
+        raise SystemExit("evaluate.py: --out_dirs is empty; give the run directories, e.g. --out_dirs=out-fm,out-attention")
     results = []
     for out_dir in out_dirs:
         ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
@@ -197,7 +199,7 @@ def plot(results, path):
 
 def main(argv=None):
     cfg = EvalConfig()
-    parse_config(cfg, sys.argv[1:] if argv is None else argv, prog='eval.py')
+    parse_config(cfg, sys.argv[1:] if argv is None else argv, prog='evaluate.py')
     evaluate(cfg)
 
 

@@ -1,28 +1,30 @@
 """
 Benchmarks, each printing its ratios side by side from one run.
 
-    python bench.py scan [--device=auto] [--B=4 --T=2048 --H=4 --M=64 --P=64] [--dtype=float32|bfloat16]
+    python -m experiments.bench scan [--device=auto] [--B=4 --T=2048 --H=4 --M=64 --P=64] [--dtype=float32|bfloat16]
                          [--ssd_minimal=PATH] [--naive=False] [--json=PATH]
         the scans, forward and forward+backward: naive (the recurrence) vs chunked with per-slot
         decay (FM) vs chunked with scalar decay (Mamba-2); with --ssd_minimal=PATH also Mamba-2's
         minimal SSD listing (state-spaces/mamba's mamba_ssm/modules/ssd_minimal.py, needs einops);
         on CUDA also Triton, and fla's chunk_gla and mamba_ssm's mamba_chunk_scan_combined if installed.
 
-    python bench.py train [--shapes=256x16,2048x2,4096x1] [--compile=True] [--json=PATH]
+    python -m experiments.bench train [--shapes=256x16,2048x2,4096x1] [--compile=True] [--json=PATH]
         ms per training step (forward, backward, AdamW step; float32) of the shakespeare_char models
         (fm, fm_sparse, mamba2 at 4 x 128; attention at 5 x 128: equal parameters), side by side,
         and each one's ratio to attention, at each T x batch.
 
-    python bench.py decode [--device=cpu] [--contexts=1024,8192,16384] [--json=PATH] [--table=PATH]
+    python -m experiments.bench decode [--device=cpu] [--contexts=1024,8192,16384] [--json=PATH] [--table=PATH]
         per-token decode latency (median over --tokens steps after --warmup steps) and decoding
         state bytes (recurrent state, or attention's KV cache) at each context position, for
         fm, fm_sparse, mamba2 and attention at equal width; then the step cost of sparse vs
         dense FM as n_slots grows (--slots=64,...,4096, --slot_top_k=16), for the whole layer
         step and for the scan step alone (scan.scan_step vs scan.scan_step_sparse).
 
-Options are --key=value (`python bench.py train --help` lists them). The model sizes default to
+Options are --key=value (`python -m experiments.bench train --help` lists them). The model sizes default to
 model.ModelConfig's. Timings on a shared CPU are noisy: compare numbers from one run.
 """
+if __name__ == '__main__' and not __package__:   # run as a module, so that the core imports
+    raise SystemExit('run it from the repo root as a module: python -m experiments.bench ...')
 import json
 import os
 import sys
@@ -31,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-import scan as fm_scan
-from common import ints, load_checkpoint, model_from_checkpoint, parse_config, read_config_file
+import scan
+from common import REPO_DIR, ints, load_checkpoint, model_from_checkpoint, parse_config, read_config_file
 from model import ModelConfig
 
 
@@ -99,10 +101,10 @@ def scan_impls(cfg, device):
     """{name: (decay kind, fn(x, g, beta, q) -> (y, state))}: 'slot' takes per-slot g (B,T,H,M) (FM),
     'scalar' one decay per head, g (B,T,H,1) (Mamba-2)."""
     C = cfg.chunk_size
-    chunked = lambda x, g, beta, q: fm_scan.scan_chunked(x, g, beta, q, chunk_size=C)
+    chunked = lambda x, g, beta, q: scan.scan_chunked(x, g, beta, q, chunk_size=C)
     impls = {}
     if cfg.naive:
-        impls['naive'] = ('slot', fm_scan.scan_naive)
+        impls['naive'] = ('slot', scan.scan_naive)
     impls['chunked'] = ('slot', chunked)
     impls['chunked, scalar decay'] = ('scalar', chunked)
     if cfg.ssd_minimal and cfg.T % C:
@@ -233,7 +235,7 @@ def train_models(cfg):
     keys = ('n_layer', 'n_embd', 'n_head', 'n_slots', 'top_k', 'expand', 'head_dim', 'update_rate', 'chunk_size')
     out = {}
     for mixer in [m for m in cfg.mixers.split(',') if m]:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', f'shakespeare_char_{mixer}.py')
+        path = os.path.join(REPO_DIR, 'config', f'shakespeare_char_{mixer}.py')
         if not os.path.exists(path):
             sys.exit(f"bench.py train: no config/shakespeare_char_{mixer}.py for --mixers={mixer}")
         values = read_config_file(path)
@@ -436,9 +438,9 @@ def decode_slot_rows(cfg, device, slots):
             beta, q = torch.rand(B, H, kk, device=device), torch.randn(B, H, kk, device=device)
             idx = torch.stack([torch.randperm(m, device=device)[:k] for _ in range(B)])
             if mixer == 'fm':
-                scan_step = lambda: fm_scan.scan_step(S, x, g, beta, q)
+                scan_step = lambda: scan.scan_step(S, x, g, beta, q)
             else:
-                scan_step = lambda: fm_scan.scan_step_sparse(S, x, g, beta, q, idx)
+                scan_step = lambda: scan.scan_step_sparse(S, x, g, beta, q, idx)
             ms_scan = _median_ms(scan_step, 3, cfg.slot_repeats, device)
             touched = B * H * kk * P * 4     # float32 state bytes read (and written) per token
             for part, ms in (('layer', ms_layer), ('scan', ms_scan)):
@@ -564,7 +566,7 @@ BENCHES = {'scan': (ScanBench, bench_scan), 'decode': (DecodeBench, bench_decode
 
 if __name__ == '__main__':
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
-        sys.exit(f"usage: python bench.py {{{'|'.join(BENCHES)}}} [--key=value ...]")
+        sys.exit(f"usage: python -m experiments.bench {{{'|'.join(BENCHES)}}} [--key=value ...]")
     cls, run = BENCHES[sys.argv[1]]
     cfg = cls()
     parse_config(cfg, sys.argv[2:], prog=f'bench.py {sys.argv[1]}')
