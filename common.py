@@ -8,6 +8,7 @@ comments are fine, code is not. `--key=value` takes a Python literal (`--top_k=N
 """
 import ast
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -135,6 +136,23 @@ def parse_config(config, argv, extra=None, prog=None):
         for key, value in read_config_file(path).items():
             apply(key, value, f"{key} = {value!r}", f" in config file {arg}")
     return explicit
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule and the log line
+
+
+def lr_at(it, learning_rate, warmup_iters, decay_iters, min_lr):
+    """Linear warmup for warmup_iters, then cosine decay to min_lr at decay_iters (min_lr after)."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    ratio = min(1.0, (it - warmup_iters) / max(1, decay_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def log(msg):
+    """A progress line, flushed at once (the scripts' output is often piped into a log file)."""
+    print(msg, flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (CKPT_FORMAT, REPO_DIR, autocast_context, first_line, load_checkpoint, model_from_checkpoint,
-                    parse_config, resolve_device, resolve_dtype, save_checkpoint, train_tokens, triton_runs_on)
+from common import (CKPT_FORMAT, REPO_DIR, autocast_context, first_line, load_checkpoint, lr_at,
+                    model_from_checkpoint, parse_config, resolve_device, resolve_dtype, save_checkpoint, train_tokens, triton_runs_on)
+from common import log as common_log
 from model import LM, ModelConfig
 
 
@@ -126,18 +127,6 @@ def get_batch(path, block_size, batch_size, gen, device):
     return x.to(device), y.to(device)
 
 
-def get_lr(it, cfg):
-    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
 # -----------------------------------------------------------------------------
 # config: TrainConfig and ModelConfig defaults < config files < --key=value (< the checkpoint, on resume)
 
@@ -186,8 +175,8 @@ if ddp:
 
 
 def log(msg):
-    if master:
-        print(msg, flush=True)
+    if master:   # one line per run, not per process
+        common_log(msg)
 
 
 def stop(msg):
@@ -340,7 +329,8 @@ while True:
 
     # one optimizer step; its randomness depends only on (seed, iter_num, rank)
     t0 = time.time()
-    lr = get_lr(iter_num, cfg)
+    lr = lr_at(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) \
+        if cfg.decay_lr else cfg.learning_rate
     for group in optimizer.param_groups:
         group['lr'] = lr
     torch.manual_seed(mix_seed(cfg.seed, 0, iter_num, rank, 0))                     # dropout

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import REPO_DIR, ints, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, train_tokens
+from common import (REPO_DIR, ints, load_checkpoint, log, model_from_checkpoint, parse_config, resolve_device,
+                    train_tokens)
 
 @dataclass
 class EvalConfig:
@@ -41,10 +42,6 @@ class EvalConfig:
     table: str = 'results/eval.md'
     plot: str = 'results/eval.png'
     json: str = 'results/eval.json'
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 def val_tokens(ckpt, cfg):

@@ -42,7 +42,6 @@ if __name__ == '__main__' and not __package__:   # run as a module, so that the 
     raise SystemExit('run it from the repo root as a module: python -m experiments.recall ...')
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -114,7 +113,7 @@ SMOKE = dict(models='attention,fm_sparse:n_slots=16:top_k=4,fm:n_slots=8,mamba2:
 # Configuration: the dataclass's defaults, then config files and --key=value
 
 
-def parse_config(cfg, argv):
+def read_args(cfg, argv):
     """--key=value (and config files) onto cfg with common.parse_config; --smoke=True first
     swaps in the tiny SMOKE settings, and keys given explicitly still win over them."""
     explicit = common.parse_config(cfg, argv, prog='recall.py')
@@ -218,13 +217,6 @@ def query_accuracy(logits, y):
 # Training, scoring and decode cost of one model
 
 
-def lr_at(step, cfg):
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
-    ratio = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, ratio))) * (cfg.learning_rate - cfg.min_lr)
-
-
 def train(model, cfg, model_seed, name):
     pairs = torch.tensor(pair_counts(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)                  # the same batches for every model
@@ -237,7 +229,7 @@ def train(model, cfg, model_seed, name):
         n = pairs[torch.randint(len(pairs), (cfg.batch_size,), generator=gen)]
         x, y = mqar_batch(n, cfg.seq_len, cfg.num_keys, cfg.num_values, gen)
         for group in opt.param_groups:
-            group['lr'] = lr_at(step, cfg)
+            group['lr'] = common.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.train_steps, cfg.min_lr)
         logits, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -412,7 +404,7 @@ def train_and_score(job):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(RecallConfig(), argv)
+    cfg = read_args(RecallConfig(), argv)
     if cfg.combine:
         return combine(cfg, argv)
     specs = model_specs(cfg)

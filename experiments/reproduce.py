@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import REPO_DIR, load_checkpoint, parse_config, read_config_file
+from common import REPO_DIR, load_checkpoint, log, parse_config, read_config_file
 
 CONFIGS = ','.join(f'config/shakespeare_char_{m}.py' for m in ('fm', 'fm_sparse', 'mamba2', 'attention'))
 
@@ -50,10 +50,6 @@ class ReproduceConfig:
     eval_args: str = '--device=cpu'      # extra eval.py arguments (e.g. --eval_tokens=16384)
     decode: bool = True                  # run `bench.py decode` on the trained models
     decode_args: str = '--device=cpu --contexts=1024,8192,16384'   # its arguments
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 def run_logged(cmd, log_path):
