@@ -1,9 +1,9 @@
 # Sparse FM on tiny-Shakespeare characters at nanoGPT's "baby GPT" scale, for one GPU:
 # 6 layers x 384 (inner width 768 = 12 heads of 64), 64 slots of which 8 are active,
 # 12,770,520 parameters; context 256, batch 64 (16,384 characters per iteration), 5000
-# iterations, dropout 0.2, lr 1e-3, as nanoGPT's config/train_shakespeare_char.py. On CUDA train.py picks bf16 autocast and the Triton scan
-# (dtype = 'auto', scan_impl = 'auto'). Not run by this project (it had no GPU): no loss or
-# time is known for it.
+# iterations, dropout 0.2, lr 1e-3, as nanoGPT's config/train_shakespeare_char.py.
+# On CUDA train.py picks bf16 autocast and the Triton scan (dtype = 'auto', scan_impl = 'auto').
+# Not run by this project (it had no GPU): no loss or time is known for it.
 # What differs from the defaults (TrainConfig in train.py, ModelConfig in model.py), and the
 # mixer, n_slots and top_k, stated.
 out_dir = 'out-shakespeare-char-gpu'
