@@ -1,0 +1,17 @@
+#!/bin/bash
+# Decoding cost of the four trained language models, 200 steps per point
+# (results/README.md, "Decoding"). The checkpoints in out-repro/ are those of a 600-iteration
+# run of the reproduction (commit 7493955; its loss table is superseded by results/lm/).
+set -e
+python -m experiments.reproduce --max_iters=600 --train_minutes=25 --runs_dir=out-repro \
+    --results_dir=out-repro/results
+MODELS=out-repro/fm,out-repro/fm_sparse,out-repro/mamba2,out-repro/attention
+python -m experiments.bench decode --device=cpu --contexts=1024,8192,16384 --tokens=200 \
+    --slot_repeats=200 --out_dirs=$MODELS \
+    --json=results/decode/decode.json --table=results/decode/decode.md | tee results/decode/decode.log
+# the same at 2 threads, fewer points (its exact command was not recorded: these are the settings
+# its files state)
+python -m experiments.bench decode --device=cpu --threads=2 --contexts=1024,16384 --slots=1024,4096 \
+    --tokens=200 --slot_repeats=200 --out_dirs=$MODELS \
+    --json=results/decode/decode_2threads.json --table=results/decode/decode_2threads.md \
+    | tee results/decode/decode_2threads.log

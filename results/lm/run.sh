@@ -1,0 +1,7 @@
+#!/bin/bash
+# The language-model comparison at block 64 (results/README.md, "Language modelling").
+# Made at commit 23d4853 by this procedure under its old name (summary.md's first line);
+# in the current layout, from the repo root:
+set -e
+python data/shakespeare_char/prepare.py   # offline: --input PATH/input.txt
+python -m experiments.reproduce --results_dir=results/lm --runs_dir=out-repro-full --train_minutes=38
