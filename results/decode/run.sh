@@ -1,11 +1,11 @@
 #!/bin/bash
 # Decoding cost of the four trained language models, 200 steps per point
-# (results/README.md, "Decoding"). The checkpoints in out-repro/ are those of a 600-iteration
-# run of the reproduction (commit 7493955; its loss table is superseded by results/lm/).
+# (results/README.md, "Decoding"), on the checkpoints of a 600-iteration run of the reproduction
+# (commit 7493955; its loss table is superseded by results/lm/).
 set -e
 python -m experiments.reproduce --max_iters=600 --train_minutes=25 --runs_dir=out-repro \
     --results_dir=out-repro/results
-MODELS=out-repro/fm,out-repro/fm_sparse,out-repro/mamba2,out-repro/attention
+MODELS=out-repro/shakespeare_char_fm,out-repro/shakespeare_char_fm_sparse,out-repro/shakespeare_char_mamba2,out-repro/shakespeare_char_attention
 python -m experiments.bench decode --device=cpu --contexts=1024,8192,16384 --tokens=200 \
     --slot_repeats=200 --out_dirs=$MODELS \
     --json=results/decode/decode.json --table=results/decode/decode.md | tee results/decode/decode.log
