@@ -291,7 +291,14 @@ def chunk_meta(M, P, chunk_size, dtype):
 
 
 def _launch(kernel, grid, *args, **meta):
-    kernel[grid](*args, **{k: v for k, v in meta.items() if k in kernel.arg_names})
+    """Every chunk-kernel launch goes through here (the compile test records them).
+    meta is filtered by the kernel's constexpr names, read once at import (_ARG_NAMES)."""
+    kernel[grid](*args, **{k: v for k, v in meta.items() if k in _ARG_NAMES[kernel]})
+
+
+# each kernel's parameter names, read here once rather than at every launch (kernel.arg_names)
+_ARG_NAMES = {k: frozenset(k.arg_names) for k in (_chunk_state, _state_pass, _chunk_output_fwd,
+                                                   _chunk_dx_dbeta_bwd, _chunk_dq_bwd)}
 
 
 def _require_runnable(t):
@@ -356,8 +363,13 @@ class _ScanTriton(torch.autograd.Function):
                 dq[:, :T].to(q_dtype), dS0 if has_initial else None, None)
 
 
+@torch.compiler.disable(reason='Triton scan: launches and autograd.Function run eagerly')
 def scan_triton(x, g, beta, q, initial_state=None, chunk_size=64):
     """The chunked scan in Triton, forward and backward. Equals scan.scan_naive.
+
+    A torch.compile boundary (torch.compiler.disable, as fla does for chunk_gla): dynamo does
+    not trace the launches or the autograd.Function; a compiled model breaks its graph here
+    and runs this eagerly, forward and backward.
 
     x (B,T,H,P); g (B,T,H,M) or (B,T,H,1); beta, q (B,T,H,M); initial_state (B,H,M,P) or None.
     Returns y (B,T,H,P) in x's dtype and the final state (B,H,M,P) float32. Any T >= 1.
@@ -426,6 +438,7 @@ def sparse_step_meta(K, P):
     return dict(P=P, BK=triton.next_power_of_2(K), BP=triton.next_power_of_2(P))
 
 
+@torch.compiler.disable(reason='Triton decode step: runs eagerly')
 def scan_step_triton(state, x, g, beta, q):
     """One token, as scan.scan_step: state (B,H,M,P) fp32, updated in place and returned;
     x (B,H,P); g (B,H,M) or (B,H,1); beta, q (B,H,M). Returns (y (B,H,P) in x's dtype, state)."""
@@ -440,6 +453,7 @@ def scan_step_triton(state, x, g, beta, q):
     return y, state
 
 
+@torch.compiler.disable(reason='Triton sparse decode step: runs eagerly')
 def scan_step_sparse_triton(state, x, g, beta, q, idx):
     """One token of a sparse layer, as scan.scan_step_sparse: only rows idx (B,K) of each head's
     state (B,H,M,P) fp32 are read and written, in place; x (B,H,P); g, beta, q (B,H,K).
