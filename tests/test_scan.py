@@ -68,8 +68,9 @@ def test_chunked_mixes_factored_and_pairwise_diagonal_blocks():
     decays by 10 nats a step (pairwise) and the others by at most 0.1 (factored), in one call."""
     x, g, beta, q = inputs(3 * CHUNK + 5, 'dense', 'weak')
     g = g * 0.2
-    g[:, :, 0] = -10.0 * beta[:, :, 0] * M                     # routed slots of head 0: ~ -10 nats a step
-    wide = scan._sub_decays(scan._chunks(g, CHUNK).cumsum(3), min(scan.SUB_CHUNK, CHUNK))[-1]   # (B,H,n,k)
+    g[:, :, 0] = -10.0 * beta[:, :, 0] * M         # routed slots of head 0: ~ -10 nats a step
+    G = scan._chunks(g, CHUNK).cumsum(3)
+    wide = scan._sub_decays(G, min(scan.SUB, CHUNK))[-1]          # (B,H,n,k)
     assert wide is not None and wide.any() and not wide.all()
     S0 = torch.randn(B, H, M, P)
     leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
@@ -85,9 +86,9 @@ def test_chunked_mixes_factored_and_pairwise_diagonal_blocks():
 @pytest.mark.parametrize('routing', ['dense', 'broadcast'])
 @pytest.mark.parametrize('decay', ['weak', 'strong'])
 def test_chunked_with_sub_chunks_forward_and_grad(chunk, routing, decay):
-    """Chunks of several sub-chunks (scan.SUB_CHUNK steps each): the state W between them, and
+    """Chunks of several sub-chunks (scan.SUB steps each): the state W between them, and
     its adjoint in the backward, against the recurrence."""
-    assert chunk > scan.SUB_CHUNK
+    assert chunk > scan.SUB
     x, g, beta, q = inputs(2 * chunk + 5, routing, decay)
     S0 = torch.randn(B, H, M, P)
     leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
@@ -96,9 +97,11 @@ def test_chunked_with_sub_chunks_forward_and_grad(chunk, routing, decay):
     for fn in (scan_naive, lambda *a, **kw: scan_chunked(*a, **kw, chunk_size=chunk)):
         y, S = fn(*leaves[:4], initial_state=leaves[4])
         results.append([y, S] + list(torch.autograd.grad((y * gy).sum() + (S * S).sum(), leaves)))
-    for name, a, b in zip(['y', 'S_final', 'dx', 'dg', 'dbeta', 'dq', 'dS0'], results[1], results[0]):
+    names = ['y', 'S_final', 'dx', 'dg', 'dbeta', 'dq', 'dS0']
+    for name, a, b in zip(names, results[1], results[0]):
+        a, b = a.detach(), b.detach()
         assert torch.isfinite(a).all(), name
-        assert rel_err(a.detach(), b.detach()) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
+        assert rel_err(a, b) <= 1e-4, f"{name}: relative error {rel_err(a, b):.2e}"
 
 
 def test_chunked_default_chunk_and_no_initial_state():
@@ -153,7 +156,8 @@ def test_chunked_scan_computes_in_float32_under_autocast(routing):
     ref = torch.autograd.grad((y.square().sum() + S.sum()), (x, g, beta, q))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         y_ac, S_ac = scan_chunked(x, g, beta, q, chunk_size=CHUNK)
-    got = torch.autograd.grad((y_ac.square().sum() + S_ac.sum()), (x, g, beta, q))   # outside, as train.py
+    # the backward outside autocast, as train.py runs it
+    got = torch.autograd.grad((y_ac.square().sum() + S_ac.sum()), (x, g, beta, q))
     assert y_ac.dtype == torch.float32 and rel_err(y_ac, y) <= 1e-6 and rel_err(S_ac, S) <= 1e-6
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-5
