@@ -291,14 +291,10 @@ def chunk_meta(M, P, chunk_size, dtype):
 
 
 def _launch(kernel, grid, *args, **meta):
-    """Every chunk-kernel launch goes through here (the compile test records them).
-    meta is filtered by the kernel's constexpr names, read once at import (_ARG_NAMES)."""
-    kernel[grid](*args, **{k: v for k, v in meta.items() if k in _ARG_NAMES[kernel]})
-
-
-# each kernel's parameter names, read here once rather than at every launch (kernel.arg_names)
-_ARG_NAMES = {k: frozenset(k.arg_names) for k in (_chunk_state, _state_pass, _chunk_output_fwd,
-                                                   _chunk_dx_dbeta_bwd, _chunk_dq_bwd)}
+    """Every kernel launch goes through here (the compile test records them to compile exactly
+    these launches ahead of time). meta: the kernel's constexprs, filtered by its parameter
+    names (_ARG_NAMES, read once), and the launch option num_warps (default 4)."""
+    kernel[grid](*args, **{k: v for k, v in meta.items() if k in _ARG_NAMES[kernel] or k == 'num_warps'})
 
 
 def _require_runnable(t):
@@ -446,8 +442,8 @@ def scan_step_triton(state, x, g, beta, q):
     B, H, M, P = state.shape
     S = state.contiguous()
     y = torch.empty(B, H, P, device=x.device, dtype=x.dtype)
-    _step_dense[(B * H,)](S, x.contiguous(), g.expand(B, H, M).contiguous(), beta.contiguous(),
-                          q.contiguous(), y, **step_meta(M, P))
+    _launch(_step_dense, (B * H,), S, x.contiguous(), g.expand(B, H, M).contiguous(), beta.contiguous(),
+            q.contiguous(), y, **step_meta(M, P))
     if S is not state:
         state.copy_(S)
     return y, state
@@ -463,8 +459,13 @@ def scan_step_sparse_triton(state, x, g, beta, q, idx):
     K = idx.shape[-1]
     S = state.contiguous()
     y = torch.empty(B, H, P, device=x.device, dtype=x.dtype)
-    _step_sparse[(B * H,)](S, x.contiguous(), g.expand(B, H, K).contiguous(), beta.contiguous(),
-                           q.contiguous(), idx.contiguous(), y, H, M, K, **sparse_step_meta(K, P))
+    _launch(_step_sparse, (B * H,), S, x.contiguous(), g.expand(B, H, K).contiguous(), beta.contiguous(),
+            q.contiguous(), idx.contiguous(), y, H, M, K, **sparse_step_meta(K, P))
     if S is not state:
         state.copy_(S)
     return y, state
+
+
+# each kernel's parameter names, read here once rather than at every launch (kernel.arg_names)
+_ARG_NAMES = {k: frozenset(k.arg_names) for k in (_chunk_state, _state_pass, _chunk_output_fwd,
+                                                   _chunk_dx_dbeta_bwd, _chunk_dq_bwd, _step_dense, _step_sparse)}

@@ -21,6 +21,9 @@ Tolerances are relative to the largest reference value:
   leaves room for that plus fp32 reassociation, and is far below what a wrong
   term would cost (errors of order 1).
 """
+import json
+import os
+
 import pytest
 import torch
 import triton
@@ -87,10 +90,11 @@ def run_triton(chunk):
     return lambda *a, **kw: kernels.scan_triton(*a, **kw, chunk_size=chunk)
 
 
-@pytest.mark.parametrize('routing,decay,T,M,P,init,dtype,chunk,B,H', CASES,
-                         ids=lambda v: str(v).replace('torch.', ''))
-def test_scan_triton_equals_naive(routing, decay, T, M, P, init, dtype, chunk, B, H, poisoned_empty):
+def scan_errors(routing, decay, T, M, P, init, dtype, chunk, B, H, gate_dtype=None):
+    """Relative errors of scan_triton's y, S_final and every gradient against scan_naive's."""
     x, g, beta, q, S0 = inputs(T, M, P, routing, decay, dtype, B, H)
+    if gate_dtype is not None:          # the model under autocast: bf16 x, fp32 gates
+        g, beta, q = (t.to(gate_dtype) for t in inputs(T, M, P, routing, decay, F32, B, H)[1:4])
     leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
     gen = torch.Generator().manual_seed(1)
     dy = torch.randn(B, T, H, P, generator=gen).to(dtype)
@@ -110,7 +114,83 @@ def test_scan_triton_equals_naive(routing, decay, T, M, P, init, dtype, chunk, B
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
         assert torch.isfinite(got).all(), f"{name} has inf/NaN"
         errs[name] = rel_err(got, ref)
+    return errs
+
+
+@pytest.mark.parametrize('routing,decay,T,M,P,init,dtype,chunk,B,H', CASES,
+                         ids=lambda v: str(v).replace('torch.', ''))
+def test_scan_triton_equals_naive(routing, decay, T, M, P, init, dtype, chunk, B, H, poisoned_empty):
+    errs = scan_errors(routing, decay, T, M, P, init, dtype, chunk, B, H)
     print(f"{routing} {decay} T={T} M={M} P={P} init={init} {dtype}: max rel err {max(errs.values()):.1e}")
+    assert all(e <= TOL[dtype] for e in errs.values()), errs
+
+
+# --- tf32 as the tensor cores compute it ------------------------------------------------------
+# The interpreter computes tl.dot in fp32 whatever input_precision says, so by itself it never
+# sees tf32's error. tf32_dots makes it: every dot's fp32 operands are cut to tf32 (10 mantissa
+# bits) as the GPU does. input_precision='tf32' (the bf16 path): the operands are truncated (a
+# tensor core reads an fp32 register as tf32 by dropping its low 13 bits; truncation is also the
+# worse of the two roundings). 'tf32x3' (the fp32 path): Triton's 3-pass split, big = a rounded
+# to tf32 (cvt.rna), small = a - big, and a.b = big.big + big.small + small.big, each product of
+# truncated tf32 operands, summed in fp32. The error against scan_naive is then what a GPU run
+# should show, and its margin to the CUDA tolerance (test_cuda.py, the same TOL) is recorded.
+TF32_JSON = os.path.join(os.path.dirname(__file__), '..', 'results', 'gpu', 'tf32_emulated.json')
+TF32_CASES = [  # routing, decay, T, M, P, init, x dtype, chunk, B, H, gate dtype
+    ('dense', 'strong', 130, 64, 64, True, F32, 64, 1, 1, None),      # the model's M, P, fp32
+    ('dense', 'strong', 64, 64, 64, True, BF16, 64, 1, 1, F32),       # bf16 autocast: bf16 x, fp32 gates
+    ('sparse', 'weak', 64, 64, 64, True, BF16, 64, 1, 1, BF16),
+    ('broadcast', 'strong', 80, 5, 3, True, BF16, 64, 1, 1, None),
+]
+_TF32 = {}
+
+
+def _tf32(a, mode):
+    import numpy as np
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    if mode == 'rna':                                    # to nearest, ties away (magnitude + half ulp)
+        u = u + np.uint32(0x1000)
+    return (u & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.fixture
+def tf32_dots(monkeypatch):
+    import numpy as np
+    from triton.runtime import interpreter
+    orig = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        mode = str(input_precision).split('.')[-1].lower()
+        if a.data.dtype != np.float32 or b.data.dtype != np.float32 or mode not in ('tf32', 'tf32x3'):
+            return orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+        mm = lambda x, y: np.matmul(_tf32(x, 'trunc'), _tf32(y, 'trunc'), dtype=np.float32)
+        if mode == 'tf32':
+            out = mm(a.data, b.data)
+        else:
+            a_big, b_big = _tf32(a.data, 'rna'), _tf32(b.data, 'rna')
+            out = mm(a_big, b_big) + (mm(a_big, b.data - b_big) + mm(a.data - a_big, b_big))
+        return interpreter.TensorHandle(out.astype(d.data.dtype) + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, 'create_dot', create_dot)
+
+
+@pytest.mark.parametrize('routing,decay,T,M,P,init,dtype,chunk,B,H,gate_dtype', TF32_CASES,
+                         ids=lambda v: str(v).replace('torch.', ''))
+def test_scan_triton_with_tf32_dots(routing, decay, T, M, P, init, dtype, chunk, B, H, gate_dtype, tf32_dots):
+    errs = scan_errors(routing, decay, T, M, P, init, dtype, chunk, B, H, gate_dtype)
+    worst = max(errs, key=errs.get)
+    case = f"{routing} {decay} T={T} M={M} P={P} x {str(dtype)[6:]} gates {str(gate_dtype or dtype)[6:]}"
+    print(f"tf32-emulated {case}: worst {worst} {errs[worst]:.2e} of tolerance {TOL[dtype]:.0e} "
+          f"({errs[worst] / TOL[dtype]:.0%})")
+    _TF32[case] = dict(errors={k: float(f"{v:.3g}") for k, v in errs.items()}, worst=worst,
+                       tolerance=TOL[dtype], used=round(errs[worst] / TOL[dtype], 3))
+    if len(_TF32) == len(TF32_CASES):
+        os.makedirs(os.path.dirname(TF32_JSON), exist_ok=True)
+        with open(TF32_JSON, 'w') as f:
+            json.dump({'what': 'scan_triton vs scan_naive, relative error (max abs / max ref) with every '
+                               'tl.dot computed as tensor cores do in tf32 / tf32x3 (tests/test_kernels.py, '
+                               'tf32_dots); tolerance = the CUDA tests\' (tests/test_cuda.py)', 'cases': _TF32},
+                      f, indent=1)
+            f.write('\n')
     assert all(e <= TOL[dtype] for e in errs.values()), errs
 
 

@@ -1,23 +1,39 @@
-"""Ahead-of-time compile every Triton kernel in kernels.py for real GPUs (sm_80, sm_90).
+"""Ahead-of-time compile every Triton launch kernels.py makes, for real GPUs (sm_80, sm_90).
 
-Runs without a GPU (ptxas ships with the triton wheel). The interpreter test
-(test_kernels.py) checks the numbers; this checks what the interpreter lets
-through: tl.dot shapes and dtypes, layouts, register allocation, ptxas.
+Runs without a GPU (ptxas and cuobjdump ship with the triton wheel). The interpreter test
+(test_kernels.py) checks the numbers; this checks what the interpreter lets through: tl.dot
+shapes and dtypes, layouts, register allocation, ptxas.
 
-Every kernel is compiled at the model's shapes (M = P = 64) for both targets and
-both input dtypes, and at shapes that are not powers of 2 (M=100, P=48, K=3; the
-decode steps also at M=1, P=3, K=1), where the tiles are masked, for sm_90 in fp32
-and sm_80 in bf16 (both targets and both dtypes, at half the compile time).
+What is compiled is what launches. scan_triton (forward and backward) and the decode steps
+run on CPU tensors with kernels._launch replaced by a recorder, so every launch the Python
+glue makes is captured with its real arguments: the tensors (dtypes, 16-byte alignment of
+their pointers), the ints (T, H, chunk counts), the constexprs and num_warps. Each one is
+then specialized by Triton's own launcher code -- create_function_from_signature (the
+binder JITFunction.run builds) and JITFunction._pack_args, with the target's backend -- so
+the signature, constexprs and attrs (tt.divisibility=16 on aligned pointers and on ints
+divisible by 16) are those of a real launch, and compiled as JITFunction._do_compile does.
 
-Compiling needs triton imported without the interpreter (triton_mode,
-tests/conftest.py): a pytest process that runs the interpreter runs these tests in
-a child process without it.
+Scenarios: the model's shapes (M = P = 64 at T = 2048, H = 8) in fp32, in the model's mixed
+signature under bf16 autocast (bf16 x and dy, fp32 gates), in bf16, and with a broadcast
+decay g (B,T,H,1); and shapes that are not powers of 2 (T = 77, M = 100, P = 48, K = 3; the
+decode steps also at M = 1, P = 3, K = 1). Registers, stack frame and local memory of every
+compiled kernel are read with cuobjdump -res-usage: a stack frame or local memory is where
+ptxas spills, so any is a failure. The table goes to results/gpu/aot_resources.json (written
+only when every scenario ran, so -k selections leave it alone).
+
+Compiling needs triton imported without the interpreter (triton_mode, tests/conftest.py): a
+pytest process that runs the interpreter runs these tests in a child process without it.
 """
+import json
+import os
+import re
+import subprocess
+import tempfile
+
 import pytest
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -26,89 +42,126 @@ import kernels
 pytestmark = pytest.mark.triton_mode('compiler')
 
 SM80, SM90 = GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
+F32, BF16 = torch.float32, torch.bfloat16
 CHUNK = 64
-# name: (M, P, K): n_slots, head_dim, top_k. 'model' is the model's defaults.
-SHAPES = {'model': (64, 64, 8), 'M100_P48_K3': (100, 48, 3), 'M1_P3_K1': (1, 3, 1)}
-STEP_KERNELS = ('_step_dense', '_step_sparse')
+RESOURCES_JSON = os.path.join(os.path.dirname(__file__), '..', 'results', 'gpu', 'aot_resources.json')
 
-# Pointer arguments, by what they point at: the caller's tensors take the input dtype.
-INPUT_PTRS = {'x', 'g', 'beta', 'q', 'dy', 'u', 'k', 'y'}
-FP32_PTRS = {'G', 'states', 'S0', 'S_last', 'S', 'y_part', 'dx_part', 'dbeta', 'dq'}
-INT64_PTRS = {'idx'}
-INTS = {'Tp', 'H', 'n', 'M', 'K'}
-
-
-def constexpr_sets(fn, shape='model'):
-    """Every constexpr combination the launchers use for fn at `shape`, from their own helpers."""
-    M, P, K = SHAPES[shape]
-    chunk = lambda dtype: kernels.chunk_meta(M, P, CHUNK, dtype)
-    sets = {
-        '_chunk_state': lambda d: [dict(chunk(d), REVERSE=r) for r in (False, True)],
-        '_state_pass': lambda d: [dict(chunk(d), REVERSE=r) for r in (False, True)],
-        '_chunk_output_fwd': lambda d: [chunk(d)],
-        '_chunk_dx_dbeta_bwd': lambda d: [chunk(d)],
-        '_chunk_dq_bwd': lambda d: [chunk(d)],
-        '_step_dense': lambda d: [kernels.step_meta(M, P)],
-        '_step_sparse': lambda d: [kernels.sparse_step_meta(K, P)],
-    }
-    return sets[fn.__name__]
+# name: B, T, H, M, P, K (top_k), x dtype, gate dtype, broadcast g, targets
+SCENARIOS = {
+    'model_fp32': (1, 2048, 8, 64, 64, 8, F32, F32, False, (SM80, SM90)),
+    'model_mixed': (1, 2048, 8, 64, 64, 8, BF16, F32, False, (SM80, SM90)),   # bf16 autocast
+    'model_bf16': (1, 2048, 8, 64, 64, 8, BF16, BF16, False, (SM90,)),
+    'model_broadcast': (1, 2048, 8, 64, 64, 8, BF16, F32, True, (SM90,)),      # Mamba-2's g
+    'odd_fp32': (1, 77, 3, 100, 48, 3, F32, F32, False, (SM90,)),             # masked tiles
+    'odd_bf16': (1, 77, 3, 100, 48, 3, BF16, BF16, False, (SM80,)),
+    'tiny_fp32': (1, 5, 1, 1, 3, 1, F32, F32, True, (SM80,)),
+}
+CASES = [(name, t) for name, spec in SCENARIOS.items() for t in spec[-1]]
 
 
-# Every @triton.jit in kernels.py (interpreter wrappers too, so that collection works in either mode).
+def record_launches(scenario, monkeypatch):
+    """Run the glue of scan_triton (forward + backward) and both decode steps on CPU tensors;
+    return every launch it makes, as (kernel, args, kwargs), without running any."""
+    B, T, H, M, P, K, dtype, gate_dtype, broadcast, _ = SCENARIOS[scenario]
+    launches = []
+    monkeypatch.setattr(kernels, '_launch', lambda kernel, grid, *args, **meta: launches.append(
+        (kernel, args, {k: v for k, v in meta.items() if k in kernel.arg_names or k == 'num_warps'})))
+    monkeypatch.setattr(kernels, '_require_runnable', lambda t: None)
+    leaf = lambda *shape, dt=gate_dtype: torch.randn(*shape).to(dt).requires_grad_()
+    x = leaf(B, T, H, P, dt=dtype)
+    g, beta, q = leaf(B, T, H, 1 if broadcast else M), leaf(B, T, H, M), leaf(B, T, H, M)
+    S0 = leaf(B, H, M, P, dt=F32)
+    y, S = kernels.scan_triton(x, g, beta, q, initial_state=S0, chunk_size=CHUNK)
+    ((y.float() * torch.randn(y.shape)).sum() + S.sum()).backward()
+    state = torch.randn(B, H, M, P)
+    kernels.scan_step_triton(state, x[:, 0].detach(), g[:, 0].detach(), beta[:, 0].detach(), q[:, 0].detach())
+    idx = torch.arange(K)[None].expand(B, K)
+    kernels.scan_step_sparse_triton(state, x[:, 0].detach(), *(t[:, 0, :, :K].detach() for t in (g, beta, q)),
+                                    idx)
+    return launches
+
+
+def compile_launch(kernel, args, kwargs, target):
+    """Compile one recorded launch for `target` exactly as JITFunction.run would on that GPU."""
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    backend = make_backend(target)
+    kwargs = dict(kwargs, debug=knobs.runtime.debug, instrumentation_mode=knobs.compilation.instrumentation_mode,
+                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    divisible = sorted(kernel.arg_names[k[0]] for k, v in attrs.items() if ['tt.divisibility', 16] in v)
+    return compiled, signature, divisible
+
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
+
+
+def resources(cubin):
+    """REG, STACK, SHARED, LOCAL of the kernel in `cubin` (cuobjdump -res-usage)."""
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, '-res-usage', f.name], capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r'\b(REG|STACK|SHARED|LOCAL):(\d+)', out))
+    assert set(found) >= {'REG', 'STACK', 'SHARED', 'LOCAL'}, out
+    return {k.lower(): int(v) for k, v in found.items()}
+
+
 KERNELS = [v for v in vars(kernels).values() if isinstance(v, (JITFunction, InterpretedFunction))]
+_TABLE = {}          # scenario/target -> rows, filled by the compile tests
 
 
-def test_every_kernel_is_covered():
-    assert len(KERNELS) == 7, [k.__name__ for k in KERNELS]
-    for fn in KERNELS:
-        constexpr_sets(fn)                              # KeyError: a kernel without a compile spec
+@pytest.fixture(scope='module', autouse=True)
+def write_table():
+    yield
+    if len(_TABLE) == len(CASES):
+        rows = [r for key in sorted(_TABLE) for r in _TABLE[key]]
+        os.makedirs(os.path.dirname(RESOURCES_JSON), exist_ok=True)
+        with open(RESOURCES_JSON, 'w') as f:
+            json.dump({'what': 'registers per thread, stack frame, shared and local bytes of every kernel '
+                               'launch of scan_triton (fwd+bwd) and the decode steps, compiled ahead of '
+                               'time with the launch specialization (tests/test_kernels_compile_gputarget.py)',
+                       'triton': triton.__version__, 'rows': rows}, f, indent=1)
+            f.write('\n')
 
 
-def signature(fn, dtype, constexprs):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = 'constexpr'
-        elif name in INPUT_PTRS:
-            sig[name] = '*' + dtype
-        elif name in FP32_PTRS:
-            sig[name] = '*fp32'
-        elif name in INT64_PTRS:
-            sig[name] = '*i64'
-        elif name in INTS:
-            sig[name] = 'i32'
-        else:
-            raise AssertionError(f"{fn.__name__}: argument {name!r} has no type here")
-    return sig
+@pytest.mark.parametrize('scenario,target', CASES, ids=lambda v: f"sm{v.arch}" if hasattr(v, 'arch') else v)
+def test_launches_compile_without_spills(scenario, target, monkeypatch):
+    launches = record_launches(scenario, monkeypatch)
+    rows, seen = [], set()
+    for kernel, args, kwargs in launches:
+        compiled, signature, divisible = compile_launch(kernel, args, kwargs, target)
+        key = compiled.metadata.hash
+        if key in seen:          # the same specialization launched twice (e.g. both decode steps' reuse)
+            continue
+        seen.add(key)
+        assert compiled.asm['cubin'], f"{kernel.__name__} {scenario} sm{target.arch}: no cubin"
+        res = resources(compiled.asm['cubin'])
+        pointers = sorted({v for v in signature.values() if v.startswith('*')})
+        flags = {k: v for k, v in kwargs.items() if k in ('REVERSE',)}
+        rows.append(dict(kernel=kernel.__name__, **flags, scenario=scenario, target=f"sm{target.arch}",
+                         num_warps=compiled.metadata.num_warps, pointer_types=pointers,
+                         divisible_by_16=divisible, **res))
+        print(f"{kernel.__name__:22s} {flags or ''} {scenario:16s} sm{target.arch} warps {compiled.metadata.num_warps}"
+              f" REG {res['reg']:3d} STACK {res['stack']} LOCAL {res['local']}")
+    _TABLE[f"{scenario}/sm{target.arch}"] = rows
+    spills = [r for r in rows if r['stack'] or r['local']]
+    assert not spills, f"spills (stack frame or local memory): {spills}"
+    assert all(r['reg'] <= 255 for r in rows)
 
 
-def compile_all(fn, dtype, target, shape):
-    n = 0
-    for constexprs in constexpr_sets(fn, shape)(DTYPES[dtype]):
-        constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-        src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
-        # fp fusion as launches get it (Triton 3.9's default, said explicitly: unset, 3.9 warns)
-        compiled = triton.compile(src, target=target, options={'num_warps': 4, 'enable_fp_fusion': True})
-        assert compiled.asm['cubin'], f"{fn.__name__} {dtype} sm{target.arch} {shape}: no cubin"
-        n += 1
-    assert n >= 1
-
-
-@pytest.mark.parametrize('target', [SM80, SM90], ids=lambda t: f"sm{t.arch}")
-@pytest.mark.parametrize('dtype', list(DTYPES))
-@pytest.mark.parametrize('fn', KERNELS, ids=lambda f: f.__name__)
-def test_compiles_to_cubin(fn, dtype, target):
-    compile_all(fn, dtype, target, 'model')
-
-
-ANY_SHAPE_CASES = [(fn, shape, dtype, target)
-                   for fn in KERNELS
-                   for shape in (['M100_P48_K3', 'M1_P3_K1'] if fn.__name__ in STEP_KERNELS else ['M100_P48_K3'])
-                   for dtype, target in (('fp32', SM90), ('bf16', SM80))]
-
-
-@pytest.mark.parametrize('fn,shape,dtype,target', ANY_SHAPE_CASES,
-                         ids=lambda v: getattr(v, '__name__', None) or (f"sm{v.arch}" if hasattr(v, 'arch') else v))
-def test_compiles_at_any_M_P(fn, shape, dtype, target):
-    compile_all(fn, dtype, target, shape)
+def test_every_kernel_is_launched(monkeypatch):
+    """Every @triton.jit in kernels.py is among the recorded launches (so it is compiled above),
+    and the launches carry the launcher's marks: aligned pointers and T = 2048 are divisible by 16."""
+    names = {k.__name__ for k, _, _ in record_launches('model_fp32', monkeypatch)}
+    assert names == {k.__name__ for k in KERNELS}, names
+    kernel, args, kwargs = next(l for l in record_launches('model_mixed', monkeypatch)
+                                if l[0].__name__ == '_chunk_output_fwd')
+    _, signature, divisible = compile_launch(kernel, args, kwargs, SM90)
+    assert signature['x'] == '*bf16' and signature['beta'] == '*fp32'      # the model's mixed signature
+    assert {'x', 'beta', 'q'} <= set(divisible)
