@@ -26,6 +26,7 @@ import scan
 
 MIXERS = ('fm', 'fm_sparse', 'mamba2', 'attention')
 SCAN_IMPLS = ('auto', 'naive', 'chunked', 'triton')
+BALANCES = ('none', 'aux', 'bias')
 
 
 @dataclass
@@ -48,6 +49,13 @@ class ModelConfig:
     attn_conv: bool = False     # attention: the same short conv on q, k, v (off: plain attention)
     chunk_size: int = 64
     scan_impl: str = 'auto'     # auto: Triton on CUDA, chunked PyTorch elsewhere
+    # fm_sparse load balancing, so that top-k keeps using all n_slots slots while training:
+    # 'aux' adds router_aux_coef * (Switch loss m·Σ f_i·P_i) per layer to the training loss;
+    # 'bias' (DeepSeek-V3, loss-free) adds a per-slot bias to r for the top-k choice only, moved
+    # by router_bias_rate·sign(mean load - load_i) after each optimizer step (update_router_bias).
+    router_balance: str = 'bias'   # none | aux | bias
+    router_aux_coef: float = 0.01
+    router_bias_rate: float = 0.01
 
     def __post_init__(self):
         def need(ok, name, msg):
@@ -66,6 +74,9 @@ class ModelConfig:
         need(self.update_rate in ('head', 'slot'), 'update_rate', "must be 'head' or 'slot'")
         need(self.update_rate == 'head' or self.mixer in ('fm', 'fm_sparse'), 'update_rate',
              f"'slot' is for the FM mixers (fm, fm_sparse), not {self.mixer}")
+        need(self.router_balance in BALANCES, 'router_balance', f"must be one of {', '.join(BALANCES)}")
+        need(self.router_aux_coef >= 0, 'router_aux_coef', "must be >= 0")
+        need(self.router_bias_rate >= 0, 'router_bias_rate', "must be >= 0")
         need(not self.attn_conv or self.mixer == 'attention', 'attn_conv',
              f"is for mixer='attention' ({self.mixer} always has its short conv)")
         if self.mixer == 'attention':
@@ -133,6 +144,16 @@ class ShortConv(nn.Conv1d):
 # The recurrent mixers: FM (dense and sparse) and Mamba-2
 
 
+def switch_aux_loss(r, idx, M):
+    """The Switch Transformer's load-balancing loss M·Σ_i f_i·P_i for router logits r (..., M) and
+    their top-k idx (..., k): f_i the fraction of selections that went to slot i (no gradient),
+    P_i the mean softmax probability of slot i over all M, so every slot's logit gets a gradient,
+    selected or not. 1 when the load is uniform, up to M when every token picks the same slots."""
+    f = torch.bincount(idx.flatten(), minlength=M).float() / idx.numel()   # (M,) sums to 1
+    P = r.float().softmax(-1).flatten(0, -2).mean(0)                       # (M,) sums to 1
+    return M * (f * P).sum()
+
+
 @dataclass
 class RecurrentCache:
     conv: torch.Tensor   # (B, channels, d_conv-1): the last inputs of the causal conv
@@ -171,6 +192,17 @@ class RecurrentMixer(nn.Module):
         self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.n_dt, bias=config.bias)
         self.conv_dim = self.d_inner + 2 * self.M      # conv over [x, r, q]
         self.conv = ShortConv(self.conv_dim, config.d_conv)
+        if self.kind != 'mamba2':
+            # PyTorch's default conv bias (uniform ±1/sqrt(d_conv) = ±0.5) outweighs the projected
+            # logits (~0.1-0.2) at init, so every token would pick the same slots: start it at 0.
+            with torch.no_grad():
+                self.conv.bias[self.d_inner:self.d_inner + self.M].zero_()
+        self.balance = config.router_balance if self.kind == 'fm_sparse' else 'none'
+        if self.kind == 'fm_sparse':
+            # (M,) added to r for the top-k choice only; in state_dict, so resume and decode keep it
+            self.register_buffer('route_bias', torch.zeros(self.M))
+        self.slot_load = None    # (M,) selections since the last update_router_bias (training)
+        self.aux_loss = None     # () this forward's Switch loss, with router_balance='aux'
         # Mamba-2's initialisation: Δ = softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in [-16, -1].
         dt = torch.exp(torch.rand(self.n_dt) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
@@ -188,8 +220,8 @@ class RecurrentMixer(nn.Module):
         r = r.float()
         if self.kind != 'fm_sparse':
             return r.softmax(-1), None
-        top, idx = r.topk(self.top_k, dim=-1)
-        return torch.zeros_like(r).scatter(-1, idx, top.softmax(-1)), idx
+        _, idx = (r + self.route_bias).topk(self.top_k, dim=-1)   # the bias picks, it never weighs
+        return torch.zeros_like(r).scatter(-1, idx, r.gather(-1, idx).softmax(-1)), idx
 
     def gates(self, r, q, dt):
         """r, q (..., M) after the conv; dt (..., H), or (..., M) with update_rate='slot'.
@@ -235,13 +267,32 @@ class RecurrentMixer(nn.Module):
         """u (B,T,n_embd) -> (B,T,n_embd), and with return_cache the cache to decode on from."""
         z, xrq, dt = self.split(self.in_proj(u))
         xrq_c, window = self.conv(xrq)
-        x, g, beta, q_read, _ = self.inputs(xrq_c, dt)              # (B,T,H,P), (B,T,H,M)
+        x, g, beta, q_read, idx = self.inputs(xrq_c, dt)            # (B,T,H,P), (B,T,H,M)
+        if self.training and self.balance != 'none':
+            self.track_load(xrq_c[..., self.d_inner:self.d_inner + self.M], idx)
         parallel_scan, _, _ = scan_impls(self.config, u.device)
         y, S = parallel_scan(x, g, beta, q_read)
         out = self.output(y, x, z)
         if not return_cache:
             return out
         return out, RecurrentCache(conv=window, S=S)
+
+    # --- load balancing (fm_sparse) -------------------------------------------
+    def track_load(self, r, idx):
+        """r (B,T,M) router logits, idx (B,T,k) their top-k: the Switch loss of this forward
+        ('aux'), or the selections counted towards the next bias update ('bias')."""
+        if self.balance == 'aux':
+            self.aux_loss = switch_aux_loss(r, idx, self.M)
+            return
+        with torch.no_grad():
+            load = torch.bincount(idx.flatten(), minlength=self.M).float()   # (M,)
+            self.slot_load = load if self.slot_load is None else self.slot_load + load
+
+    @torch.no_grad()
+    def update_router_bias(self, load):
+        """load (M,): selections per slot since the last update (summed over processes). Moves the
+        bias of an overloaded slot down and of an underloaded one up by router_bias_rate."""
+        self.route_bias += self.config.router_bias_rate * torch.sign(load.mean() - load)
 
     # --- one token -----------------------------------------------------------
     def step(self, u, cache):
@@ -257,9 +308,78 @@ class RecurrentMixer(nn.Module):
             y, cache.S = step_sparse(cache.S, x, pick(g), pick(beta), pick(q_read), idx)
         return self.output(y, x, z)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the selection bias have none: it was 0 (state_dict is a copy)
+        if self.kind == 'fm_sparse' and prefix + 'route_bias' not in state_dict:
+            state_dict[prefix + 'route_bias'] = torch.zeros(self.M)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def new_cache(self, B, device):
         return RecurrentCache(conv=self.conv.new_window(B, device),
                               S=torch.zeros(B, self.H, self.M, self.P, device=device))
+
+
+# -----------------------------------------------------------------------------
+# Router health: how many of its m slots an FM layer actually uses
+
+
+@torch.no_grad()
+def router_usage(model, idx):
+    """The routing of every FM layer of the LM model over tokens idx (B,T), in eval mode:
+    [(share (M,), w (B,T,M))] per layer, w the slot weights and share each slot's part of the
+    top-k selections (fm_sparse) or of w's mass (fm); shares sum to 1.
+    ValueError for a model without FM layers."""
+    mixers = [b.mixer for b in model.blocks]
+    if not all(isinstance(m, RecurrentMixer) and m.kind in ('fm', 'fm_sparse') for m in mixers):
+        raise ValueError(f"router health is for the FM mixers (fm, fm_sparse), "
+                         f"not {model.config.mixer}")
+    convs = {}   # the router logits are the r channels of the conv's output (B,T,E·D+2M)
+    hooks = [m.conv.register_forward_hook(lambda mod, i, out, m=m: convs.__setitem__(m, out[0]))
+             for m in mixers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out = []
+    for m in mixers:
+        w, sel = m.route(convs[m][..., m.d_inner:m.d_inner + m.M])   # (B,T,M), (B,T,k) or None
+        if sel is None:
+            share = w.flatten(0, -2).mean(0)
+        else:
+            share = torch.bincount(sel.flatten(), minlength=m.M).float() / sel.numel()
+        out.append((share, w))
+    return out
+
+
+def slot_stats(share, sparse):
+    """share (M,), summing to 1 -> effective slots exp(entropy), dead slots (never selected, or
+    for dense fm under 1 % of the uniform mass), the share of the most used slot and of the 10 %
+    most used slots."""
+    M = share.numel()
+    p = share[share > 0]
+    dead = (share == 0) if sparse else (share < 0.01 / M)
+    return {'effective': round(math.exp(-(p * p.log()).sum().item()), 2),
+            'dead': int(dead.sum()), 'm': M, 'max_share': round(share.max().item(), 4),
+            'top10_share': round(share.sort(descending=True).values[:math.ceil(M / 10)].sum().item(), 4)}
+
+
+def router_health(model, idx):
+    """[slot_stats] per FM layer of model over tokens idx (B,T); ValueError if it has none."""
+    sparse = model.config.mixer == 'fm_sparse'
+    return [slot_stats(share, sparse) for share, _ in router_usage(model, idx)]
+
+
+def health_summary(stats):
+    """One compact phrase for a log line: ranges over the layers."""
+    def span(key, fmt='{:.0f}'):
+        lo, hi = min(s[key] for s in stats), max(s[key] for s in stats)
+        return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+    return (f"slots eff {span('effective')}/{stats[0]['m']}, dead {span('dead')}, "
+            f"max share {span('max_share', '{:.1%}')}")
 
 
 # -----------------------------------------------------------------------------
@@ -409,8 +529,28 @@ class LM(nn.Module):
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                                   ignore_index=-1)
+            if self.training and self.config.router_balance == 'aux' and self.config.mixer == 'fm_sparse':
+                # training only: evaluation losses stay the plain cross-entropy
+                aux = sum(b.mixer.aux_loss for b in self.blocks)      # each layer's router its own
+                loss = loss + self.config.router_aux_coef * aux
         return logits, loss
+
+    def update_router_bias(self, all_reduce=None):
+        """After each optimizer step with router_balance='bias': every layer's slot loads since the
+        last call (summed over processes by all_reduce, e.g. torch.distributed.all_reduce, so that
+        every rank moves its bias the same way) move its selection bias; then the counts restart."""
+        mixers = [b.mixer for b in self.blocks
+                  if isinstance(b.mixer, RecurrentMixer) and b.mixer.balance == 'bias']
+        if not mixers or mixers[0].slot_load is None:
+            return
+        loads = torch.stack([m.slot_load for m in mixers])        # (layers, M)
+        if all_reduce is not None:
+            all_reduce(loads)
+        for m, load in zip(mixers, loads):
+            m.update_router_bias(load)
+            m.slot_load = None
 
     # --- recurrent decoding --------------------------------------------------
     @torch.no_grad()

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from common import (CKPT_FORMAT, REPO_DIR, autocast_context, first_line, load_checkpoint, lr_at,
-                    model_from_checkpoint, parse_config, resolve_device, resolve_dtype, save_checkpoint, train_tokens, triton_runs_on)
+                    model_from_checkpoint, parse_config, resolve_device, resolve_dtype,
+                    save_checkpoint, train_tokens, triton_runs_on)
 from common import log as common_log
-from model import LM, ModelConfig
+from model import LM, ModelConfig, health_summary, router_health
 
 
 @dataclass
@@ -277,6 +278,13 @@ def write_log(record):
             f.write(json.dumps(record) + '\n')
 
 
+# Router health at each evaluation (FM mixers): the same 4 validation batches every time, the first
+# ones estimate_loss scores (4 x batch_size x block_size tokens; the default run: 4,096 characters).
+health_tokens = torch.cat([get_batch(splits['val'], block_size, cfg.batch_size,
+                                     torch.Generator().manual_seed(mix_seed(cfg.seed, 1, 1, k)),
+                                     device)[0] for k in range(4)])   # (4·batch_size, block_size)
+
+
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over the same eval_iters batches per split at every evaluation, spread over the ranks."""
@@ -308,9 +316,14 @@ while True:
     if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (start_iter and iter_num == start_iter):
         losses = estimate_loss()
         last_val = losses['val']
-        log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        write_log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
-                   'time_s': round(time.time() - t_start, 3)})
+        record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
+                  'time_s': round(time.time() - t_start, 3)}
+        line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        if model_args['mixer'] in ('fm', 'fm_sparse') and master:
+            record['router'] = router_health(raw_model, health_tokens)
+            line += f"; {health_summary(record['router'])}"
+        log(line)
+        write_log(record)
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             stop(f"the evaluation loss is not finite at iter {iter_num}")
         if losses['val'] < best_val_loss or cfg.always_save_checkpoint:
@@ -355,6 +368,7 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    raw_model.update_router_bias(dist.all_reduce if ddp else None)   # router_balance='bias' only
     step_time += time.time() - t0
     step_count += 1
     tokens_seen += tokens_per_iter

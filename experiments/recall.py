@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from model import LM, KVCache, ModelConfig
+from model import LM, KVCache, ModelConfig, router_health
 
 DEFAULT_MODELS = ','.join([
     'attention',
@@ -139,18 +139,27 @@ def pair_counts(cfg):
 
 
 def model_specs(cfg):
-    """[(name, ModelConfig)] from --models; one line naming the fix if a spec is bad."""
+    """[(name, ModelConfig, seed index)] from --models; one line naming the fix if a spec is bad.
+    A model's seed is --seed plus its position in --models, or plus its seed_index=N key (to
+    repeat a model of another list with the same initial weights)."""
     vocab = 1 + cfg.num_keys + cfg.num_values
     shared = dict(vocab_size=vocab, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                   n_head=cfg.n_head, expand=cfg.expand, head_dim=cfg.head_dim, dropout=0.0)
     keys = {f.name: f for f in dataclasses.fields(ModelConfig)}
     hints = typing.get_type_hints(ModelConfig)
     specs = []
-    for spec in [s for s in cfg.models.split(',') if s.strip()]:
+    for i, spec in enumerate([s for s in cfg.models.split(',') if s.strip()]):
         mixer, *kvs = spec.strip().split(':')
         args = dict(shared, mixer=mixer)
+        seed_index = i
         for kv in kvs:
             k, _, v = kv.partition('=')
+            if k == 'seed_index':   # seed = --seed + this, instead of + the model's position
+                try:
+                    seed_index = int(v)
+                except ValueError:
+                    raise SystemExit(f"recall.py: model {spec!r}: seed_index={v!r} must be an int")
+                continue
             if k not in keys:
                 raise SystemExit(f"recall.py: model {spec!r}: {k!r} is not a ModelConfig key in this model.py "
                                  f"(keys: {', '.join(keys)})")
@@ -162,7 +171,7 @@ def model_specs(cfg):
             mc = ModelConfig(**args)
         except ValueError as e:
             raise SystemExit(f"recall.py: model {spec!r}: {e}")
-        specs.append((spec.strip(), mc))
+        specs.append((spec.strip(), mc, seed_index))
     if not specs:
         raise SystemExit("recall.py: --models is empty")
     return specs
@@ -174,7 +183,7 @@ def label(mc):
         return 'attention+conv' if mc.attn_conv else 'attention'
     s = f"{mc.mixer} N={mc.n_slots}" if mc.mixer == 'mamba2' else f"{mc.mixer} m={mc.n_slots}"
     if mc.mixer == 'fm_sparse':
-        s += f" k={mc.top_k}"
+        s += f" k={mc.top_k} {mc.router_balance}"
     if getattr(mc, 'update_rate', 'head') != 'head':
         s += f" Δ/{mc.update_rate}"
     return s
@@ -235,6 +244,7 @@ def train(model, cfg, model_seed, name):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        model.update_router_bias()                                 # router_balance='bias' only
         if step % cfg.log_interval == 0 or step == cfg.train_steps - 1:
             curve.append({'step': step, 'loss': loss.item(), 'acc': query_accuracy(logits.detach(), y)})
             print(f"  {name} step {step}: loss {curve[-1]['loss']:.3f}, query accuracy {curve[-1]['acc']:.3f}", flush=True)
@@ -259,6 +269,18 @@ def evaluate(model, cfg):
             loss_sum += loss.item() * m.sum().item()
         out[n] = (correct / total, loss_sum / total)
     return out
+
+
+@torch.no_grad()
+def router_health_on_task(model, cfg):
+    """model.router_health per layer over held-out sequences at the largest pair count (padding
+    included: it is routed too); None for a mixer without a router."""
+    if model.config.mixer not in ('fm', 'fm_sparse'):
+        return None
+    gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
+    x, _ = mqar_batch(torch.full((64,), max(pair_counts(cfg))), cfg.seq_len, cfg.num_keys,
+                      cfg.num_values, gen)
+    return router_health(model, x)
 
 
 def touched_bytes(model, caches):
@@ -304,18 +326,23 @@ def decode_cost(model, cfg):
 def write_table(results, cfg, path):
     pairs = pair_counts(cfg)
     lines = ['| model | params | ' + ' | '.join(f'{n} pairs' for n in pairs) +
-             ' | state KiB | KiB touched / token | ms / token | train min |',
-             '|---|---|' + '---|' * len(pairs) + '---|---|---|---|']
+             ' | state KiB | KiB touched / token | ms / token | train min | effective slots | dead slots |',
+             '|---|---|' + '---|' * len(pairs) + '---|---|---|---|---|---|']
+    span = lambda r, key: '—' if 'router' not in r else '-'.join(dict.fromkeys(
+        f"{f(x[key] for x in r['router']):.0f}" for f in (min, max)))   # over the layers
     for r in results:
         accs = ' | '.join(f"{r['eval'][str(n)]['acc']:.3f}" for n in pairs)
         lines.append(f"| {r['label']} | {r['params'] / 1e3:.0f}K | {accs} | {r['state_bytes'] / 1024:.1f} | "
-                     f"{r['touched_bytes'] / 1024:.1f} | {r['ms_per_token']:.3f} | {r['train_s'] / 60:.1f} |")
+                     f"{r['touched_bytes'] / 1024:.1f} | {r['ms_per_token']:.3f} | {r['train_s'] / 60:.1f} | "
+                     f"{span(r, 'effective')} | {span(r, 'dead')} |")
     note = (f"\nAccuracy at the query positions ({cfg.eval_seqs} held-out sequences per pair count; chance "
             f"{1 / cfg.num_values:.3f}). {cfg.n_layer} layers x {cfg.n_embd} wide, sequences of {cfg.seq_len} "
             f"tokens, {cfg.num_keys} keys, {cfg.num_values} values; {cfg.train_steps} steps of {cfg.batch_size} "
             f"sequences. State = LM.cache_bytes after a prefill of {cfg.seq_len} tokens (attention: its KV "
             f"cache at that length); touched = what one decoded token reads and writes; ms / token = median "
-            f"LM.step, batch 1, {cfg.threads or torch.get_num_threads()} thread(s).\n")
+            f"LM.step, batch 1, {cfg.threads or torch.get_num_threads()} thread(s). Effective / dead "
+            f"slots: FM router health over 64 held-out sequences at {max(pairs)} pairs, range over the "
+            f"layers (effective = exp of the selection entropy; dead = never selected).\n")
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n' + note)
     return '\n'.join(lines)
@@ -385,7 +412,8 @@ def combine(cfg, argv):
 
 def train_and_score(job):
     """(cfg, i, spec, mc) -> the i-th model's results and trained weights. Runs in a worker
-    process when --jobs > 1; the seeds depend on i only, so --jobs does not change the numbers."""
+    process when --jobs > 1; the seeds depend on i only (the model's seed index), so --jobs does
+    not change the numbers."""
     cfg, i, spec, mc = job
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -393,12 +421,15 @@ def train_and_score(job):
     model = LM(mc)
     curve, train_s = train(model, cfg, cfg.seed + i, label(mc))
     ev = evaluate(model, cfg)
+    health = router_health_on_task(model, cfg)
     print(f"{label(mc):<28} {model.get_num_params() / 1e3:7.0f}K params  acc " +
           ' '.join(f"{n}:{a:.3f}" for n, (a, _) in ev.items()) +
           f"  final train loss {curve[-1]['loss']:.3f}  ({train_s / 60:.1f} min)", flush=True)
     r = {'spec': spec, 'label': label(mc), 'model_config': dataclasses.asdict(mc),
          'params': model.get_num_params(), 'train_s': train_s, 'curve': curve,
          'eval': {str(n): {'acc': a, 'loss': l} for n, (a, l) in ev.items()}}
+    if health is not None:
+        r['router'] = health
     return r, model.state_dict()
 
 
@@ -412,7 +443,7 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)
     t_start = time.time()
-    jobs = [(cfg, i, spec, mc) for i, (spec, mc) in enumerate(specs)]
+    jobs = [(cfg, i, spec, mc) for spec, mc, i in specs]
     if cfg.jobs == 1:
         done = [train_and_score(job) for job in jobs]
     else:   # largest state first, so the slowest model starts at once and the others share the rest
@@ -421,7 +452,7 @@ def main(argv=None):
             out = pool.map(train_and_score, [jobs[i] for i in first], chunksize=1)
         done = [out[first.index(i)] for i in range(len(jobs))]
     results = []
-    for (spec, mc), (r, weights) in zip(specs, done):   # decode cost here, one model at a time on a quiet CPU
+    for (spec, mc, _), (r, weights) in zip(specs, done):   # decode cost here, one model at a time on a quiet CPU
         model = LM(mc)
         model.load_state_dict(weights)
         state, touched, ms = decode_cost(model, cfg)
