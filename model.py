@@ -54,6 +54,8 @@ class ModelConfig:
     # 'bias' (DeepSeek-V3, loss-free) adds a per-slot bias to r for the top-k choice only, moved
     # by router_bias_rate·sign(mean load - load_i) after each optimizer step (update_router_bias).
     router_balance: str = 'bias'   # none | aux | bias
+    router_conv_bias: bool = False  # True: PyTorch's default conv bias on r at init (the old init,
+                                    #   which leaves most slots dead; kept to reproduce it)
     router_aux_coef: float = 0.01
     router_bias_rate: float = 0.01
 
@@ -192,7 +194,7 @@ class RecurrentMixer(nn.Module):
         self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.n_dt, bias=config.bias)
         self.conv_dim = self.d_inner + 2 * self.M      # conv over [x, r, q]
         self.conv = ShortConv(self.conv_dim, config.d_conv)
-        if self.kind != 'mamba2':
+        if self.kind != 'mamba2' and not config.router_conv_bias:
             # PyTorch's default conv bias (uniform ±1/sqrt(d_conv) = ±0.5) outweighs the projected
             # logits (~0.1-0.2) at init, so every token would pick the same slots: start it at 0.
             with torch.no_grad():
