@@ -4,7 +4,8 @@
 # (commit 7493955; its loss table is superseded by results/lm/).
 set -e
 python -m experiments.reproduce --max_iters=600 --train_minutes=25 --runs_dir=out-repro \
-    --results_dir=out-repro/results
+    --results_dir=out-repro/results \
+    --train_args='--eval_iters=10 --router_conv_bias=True --router_balance=none'   # the router then
 MODELS=out-repro/shakespeare_char_fm,out-repro/shakespeare_char_fm_sparse,out-repro/shakespeare_char_mamba2,out-repro/shakespeare_char_attention
 python -m experiments.bench decode --device=cpu --contexts=1024,8192,16384 --tokens=200 \
     --slot_repeats=200 --out_dirs=$MODELS \
