@@ -1,6 +1,7 @@
 """
-What the scripts (train.py, sample.py, eval.py, reproduce.py, bench.py) share: configuration
-from a dataclass, config files and --key=value; checkpoints; the device and its autocast.
+What the scripts (train.py, sample.py and experiments/: bench, evaluate, recall, reproduce)
+share: configuration from a dataclass, config files and --key=value; the learning-rate schedule
+and the log line; checkpoints; the device and its autocast.
 
 A config file is flat assignments of literals, one key each (`n_layer = 4`, `mixer = 'fm'`);
 comments are fine, code is not. `--key=value` takes a Python literal (`--top_k=None`,
@@ -27,7 +28,8 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _check(value, typ):
-    """value as the dataclass field type typ (int -> float allowed; Optional); ValueError if it is not one."""
+    """value as the dataclass field type typ (int -> float allowed; Optional); ValueError if it is
+    not one."""
     if typing.get_origin(typ) is typing.Union:
         for t in typing.get_args(typ):
             try:
@@ -45,11 +47,14 @@ def _check(value, typ):
 
 def _type_name(typ):
     args = typing.get_args(typ)
-    return ' or '.join(map(_type_name, args)) if args else 'None' if typ is type(None) else typ.__name__
+    if args:
+        return ' or '.join(map(_type_name, args))
+    return 'None' if typ is type(None) else typ.__name__
 
 
 def _literal(raw, typ):
-    """A command-line value: the text itself for str keys, else a Python literal (true/false too)."""
+    """A command-line value: the text itself for str keys, else a Python literal (true/false
+    too)."""
     if str in (typ, *typing.get_args(typ)) and raw != 'None':
         return raw
     try:
@@ -69,7 +74,8 @@ def ints(csv, key, prog):
     try:
         return [int(v) for v in str(csv).split(',') if v.strip()]
     except ValueError:
-        raise SystemExit(f"{prog}: --{key}={csv} must be comma-separated integers, e.g. 1,2,4") from None
+        raise SystemExit(f"{prog}: --{key}={csv} must be comma-separated integers, "
+                         "e.g. 1,2,4") from None
 
 
 def read_config_file(path):
@@ -82,16 +88,17 @@ def read_config_file(path):
     values = {}
     for node in tree.body:
         try:
-            assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            assert isinstance(node, ast.Assign) and len(node.targets) == 1
+            assert isinstance(node.targets[0], ast.Name)
             values[node.targets[0].id] = ast.literal_eval(node.value)
         except (AssertionError, ValueError, TypeError, SyntaxError):
-            raise SystemExit(f"{path}:{node.lineno}: a config file holds only `key = literal` lines "
-                             f"(got: {ast.unparse(node)[:60]})") from None
+            raise SystemExit(f"{path}:{node.lineno}: a config file holds only `key = literal` "
+                             f"lines (got: {ast.unparse(node)[:60]})") from None
     return values
 
 
 def parse_config(config, argv, extra=None, prog=None):
-    """Apply config files and --key=value in argv, left to right, to the dataclass instance `config`.
+    """Apply config files and --key=value in argv, left to right, to the dataclass `config`.
 
     Keys of `extra` (a dataclass, e.g. ModelConfig) are accepted too: type-checked and returned,
     not set. Returns {key: value} for every key that argv set. An unknown key or a bad value exits
@@ -120,9 +127,11 @@ def parse_config(config, argv, extra=None, prog=None):
 
     for arg in argv:
         if arg in ('-h', '--help'):
-            values = {k: getattr(config, k) if k in own else explicit.get(k, defaults.get(k)) for k in hints}
+            values = {k: getattr(config, k) if k in own else explicit.get(k, defaults.get(k))
+                      for k in hints}
             print(f"usage: {prog} [config_file.py ...] [--key=value ...]\n"
-                  + '\n'.join(f"  --{k}={values[k]!r}  ({_type_name(t)})" for k, t in hints.items()))
+                  + '\n'.join(f"  --{k}={values[k]!r}  ({_type_name(t)})"
+                              for k, t in hints.items()))
             raise SystemExit(0)
         if arg.startswith('--'):
             key, eq, raw = arg[2:].partition('=')
@@ -162,7 +171,8 @@ def log(msg):
 def save_checkpoint(ckpt, path):
     """torch.save to a temporary file in the same directory, then os.replace it over `path`:
     an interrupted or failed save leaves the previous checkpoint intact."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f'.{os.path.basename(path)}.tmp.{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
             torch.save(ckpt, f)
@@ -183,7 +193,8 @@ def load_checkpoint(path, map_location='cpu'):
     """A checkpoint written by train.py (torch.load with weights_only=True). A missing, corrupt or
     foreign file exits with one line."""
     if os.path.isfile(os.path.dirname(path)):
-        raise SystemExit(f"{os.path.dirname(path)} is a file, not a run directory; give the out_dir that train.py wrote")
+        raise SystemExit(f"{os.path.dirname(path)} is a file, not a run directory; give the "
+                         "out_dir that train.py wrote")
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}; train one first "
                          f"(python train.py --out_dir={os.path.dirname(path) or '.'})")
@@ -191,11 +202,12 @@ def load_checkpoint(path, map_location='cpu'):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, random bytes, pickled objects...
         # (torch's own message suggests weights_only=False: bad advice for a file of unknown origin)
-        raise SystemExit(f"{path} is not a readable checkpoint: corrupt, truncated or not written by train.py "
-                         f"({type(e).__name__})")
+        raise SystemExit(f"{path} is not a readable checkpoint: corrupt, truncated or not written "
+                         f"by train.py ({type(e).__name__})")
     if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
-        raise SystemExit(f"{path} is not a checkpoint of this project (no 'format': '{CKPT_FORMAT}'); "
-                         "it was written by another program or an incompatible version")
+        raise SystemExit(f"{path} is not a checkpoint of this project (no 'format': "
+                         f"'{CKPT_FORMAT}'); it was written by another program or an incompatible "
+                         "version")
     missing = [k for k in ('model', 'model_args', 'iter_num', 'config') if k not in ckpt]
     if missing:
         raise SystemExit(f"{path} is an incomplete checkpoint (missing {', '.join(missing)})")
@@ -207,8 +219,9 @@ def train_tokens(ckpt):
     if 'train_tokens' in ckpt:
         return int(ckpt['train_tokens'])
     c = ckpt['config']
-    return int(ckpt['iter_num']) * c.get('batch_size', 0) * c.get('gradient_accumulation_steps', 1) \
+    per_iter = c.get('batch_size', 0) * c.get('gradient_accumulation_steps', 1) \
         * ckpt['model_args']['block_size'] * ckpt.get('world_size', 1)
+    return int(ckpt['iter_num']) * per_iter
 
 
 def triton_runs_on(device):
@@ -217,16 +230,17 @@ def triton_runs_on(device):
 
 
 def model_from_checkpoint(ckpt, device='cpu', **overrides):
-    """The LM described by ckpt['model_args'] (with overrides, e.g. dropout=0.0 or scan_impl='naive'),
-    with the checkpoint's weights, on device. Mismatches exit with one line."""
+    """The LM described by ckpt['model_args'] (with overrides, e.g. dropout=0.0 or
+    scan_impl='naive'), with the checkpoint's weights, on device. Mismatches exit with one line."""
     args = {**ckpt['model_args'], **overrides}
     if args.get('scan_impl') == 'triton' and not triton_runs_on(device):
-        args['scan_impl'] = 'auto'   # trained with the Triton scan: the chunked one computes the same here
+        args['scan_impl'] = 'auto'   # trained with Triton: the chunked scan computes the same
     try:
         model = LM(ModelConfig(**args))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"the checkpoint's model config does not fit model.py: {first_line(e)}")
-    state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
+    state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v
+             for k, v in ckpt['model'].items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -239,16 +253,20 @@ def model_from_checkpoint(ckpt, device='cpu', **overrides):
 
 
 def resolve_device(name, local_rank=0):
-    """'auto' (cuda > mps > cpu), 'cpu', 'cuda' (GPU local_rank), 'cuda:N' or 'mps'; one line if unavailable."""
+    """'auto' (cuda > mps > cpu), 'cpu', 'cuda' (GPU local_rank), 'cuda:N' or 'mps'; one line if
+    unavailable."""
     mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu'
     try:
         device = torch.device('cuda', local_rank) if name == 'cuda' else torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if (device.type == 'cuda' and not torch.cuda.is_available()) or (device.type == 'mps' and not mps):
-        raise SystemExit(f"device={name!r} but {device.type.upper()} is not available here; use --device=cpu (or auto)")
+        raise SystemExit(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or "
+                         "mps") from None
+    if (device.type == 'cuda' and not torch.cuda.is_available()) \
+            or (device.type == 'mps' and not mps):
+        raise SystemExit(f"device={name!r} but {device.type.upper()} is not available here; "
+                         "use --device=cpu (or auto)")
     return device
 
 

@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from common import autocast_context, load_checkpoint, model_from_checkpoint, parse_config, resolve_device, resolve_dtype
+from common import (DTYPES, autocast_context, load_checkpoint, model_from_checkpoint, parse_config,
+                    resolve_device, resolve_dtype)
 
 
 @dataclass
@@ -26,11 +27,11 @@ class SampleConfig:
     num_samples: int = 3
     max_new_tokens: int = 500
     temperature: float = 0.8             # < 1 sharper, > 1 more random
-    top_k: Optional[int] = 200           # sample among the top_k most likely tokens; None for all
+    top_k: Optional[int] = 200           # sample among the top_k most likely tokens; None: all
     seed: int = 1337
     device: str = 'auto'                 # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'mps'
-    dtype: str = 'auto'                  # 'auto' (bfloat16 on CUDA, else float32) | 'float32' | 'bfloat16' | 'float16'
-    data_dir: str = 'data'               # only for checkpoints that carry no vocabulary of their own
+    dtype: str = 'auto'                  # common.DTYPES; auto: bfloat16 on CUDA, else float32
+    data_dir: str = 'data'               # only for checkpoints without a vocabulary of their own
 
 
 def tokenizer(ckpt, cfg):
@@ -59,8 +60,9 @@ def tokenizer(ckpt, cfg):
         import tiktoken
         enc = tiktoken.get_encoding('r50k_base')
     except Exception as e:  # noqa: BLE001
-        raise SystemExit(f"sample.py: could not load the GPT-2 BPE (tiktoken 'r50k_base': {type(e).__name__}); "
-                         "connect to the network or set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+        raise SystemExit("sample.py: could not load the GPT-2 BPE (tiktoken 'r50k_base': "
+                         f"{type(e).__name__}); connect to the network or set TIKTOKEN_CACHE_DIR "
+                         "to a tiktoken cache")
     # ids past GPT-2's 50257 exist only as padding of the embedding (vocab_size 50304): skip them
     return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})), \
         (lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
@@ -69,10 +71,11 @@ def tokenizer(ckpt, cfg):
 def main(argv=None):
     cfg = SampleConfig()
     parse_config(cfg, sys.argv[1:] if argv is None else argv, prog='sample.py')
-    checks = [(cfg.num_samples >= 1, 'num_samples', ">= 1"), (cfg.max_new_tokens >= 0, 'max_new_tokens', ">= 0"),
+    checks = [(cfg.num_samples >= 1, 'num_samples', ">= 1"),
+              (cfg.max_new_tokens >= 0, 'max_new_tokens', ">= 0"),
               (cfg.temperature >= 0, 'temperature', ">= 0 (0 is greedy)"),
               (cfg.top_k is None or cfg.top_k >= 1, 'top_k', ">= 1 (or None)"),
-              (cfg.dtype in ('auto', 'float32', 'bfloat16', 'float16'), 'dtype', "auto, float32, bfloat16 or float16")]
+              (cfg.dtype in DTYPES, 'dtype', f"one of {', '.join(DTYPES)}")]
     for ok, name, need in checks:
         if not ok:
             raise SystemExit(f"sample.py: {name}={getattr(cfg, name)!r} must be {need}")

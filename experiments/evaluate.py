@@ -1,7 +1,8 @@
 """
 Evaluate checkpoints beyond their training context.
 
-    python -m experiments.evaluate --out_dirs=out-fm,out-attention --lengths=1,2,4,8,16 --plot=results/eval.png
+    python -m experiments.evaluate --out_dirs=out-fm,out-attention --lengths=1,2,4,8,16 \
+        --plot=results/eval.png
 
 Evaluation: for every checkpoint (out_dir/ckpt.pt, written by train.py), the validation
 loss and perplexity at context lengths L = 1x, 2x, 4x, 8x and 16x the training block_size.
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (REPO_DIR, ints, load_checkpoint, log, model_from_checkpoint, parse_config, resolve_device,
-                    train_tokens)
+from common import (REPO_DIR, ints, load_checkpoint, log, model_from_checkpoint, parse_config,
+                    resolve_device, train_tokens)
+
 
 @dataclass
 class EvalConfig:
@@ -36,7 +38,7 @@ class EvalConfig:
     lengths: str = '1,2,4,8,16'          # context lengths, as multiples of each model's block_size
     eval_tokens: int = 32768             # validation tokens scored at every length
     batch_size: int = 8                  # windows per forward pass
-    data_dir: str = ''                   # '' = the checkpoint's own data_dir (train.py's --data_dir)
+    data_dir: str = ''                   # '' = the checkpoint's own (train.py's --data_dir)
     device: str = 'cpu'                  # 'cpu' | 'cuda' | 'auto'
     threads: int = 0                     # torch CPU threads; 0 = all cores
     table: str = 'results/eval.md'
@@ -48,13 +50,16 @@ def val_tokens(ckpt, cfg):
     """The validation split of the checkpoint's dataset as int64 numpy array."""
     tc = ckpt['config']
     data_dir = cfg.data_dir or tc.get('data_dir', 'data')
-    candidates = [data_dir] if os.path.isabs(data_dir) else [data_dir, os.path.join(REPO_DIR, data_dir)]
+    candidates = [data_dir]
+    if not os.path.isabs(data_dir):
+        candidates.append(os.path.join(REPO_DIR, data_dir))
     for d in candidates:
         path = os.path.join(d, tc.get('dataset', 'shakespeare_char'), 'val.bin')
         if os.path.exists(path):
             return np.array(np.memmap(path, dtype=np.uint16, mode='r'), dtype=np.int64)
-    raise SystemExit(f"evaluate.py: no val.bin for dataset '{tc.get('dataset')}' under {' or '.join(candidates)}; "
-                     f"prepare it (data/{tc.get('dataset')}/prepare.py) or pass --data_dir")
+    raise SystemExit(f"evaluate.py: no val.bin for dataset '{tc.get('dataset')}' under "
+                     f"{' or '.join(candidates)}; prepare it (data/{tc.get('dataset')}/prepare.py) "
+                     "or pass --data_dir")
 
 
 def windows(data, L, n_tokens):
@@ -62,7 +67,8 @@ def windows(data, L, n_tokens):
     enough to cover n_tokens (at least one). Fewer if the split is too short."""
     n_max = (len(data) - 1) // L
     if n_max < 1:
-        raise SystemExit(f"evaluate.py: the validation split ({len(data)} tokens) is shorter than a window of {L + 1}")
+        raise SystemExit(f"evaluate.py: the validation split ({len(data)} tokens) is shorter than "
+                         f"a window of {L + 1}")
     n = max(1, min(n_max, math.ceil(n_tokens / L)))
     starts = np.linspace(0, len(data) - L - 1, n).astype(np.int64) if n > 1 else np.array([0])
     return np.stack([data[s:s + L + 1] for s in starts])
@@ -76,7 +82,8 @@ def loss_by_position(model, data, L, n_tokens, batch_size, device):
     for i in range(0, len(w), batch_size):
         b = w[i:i + batch_size].to(device)
         logits, _ = model(b[:, :-1])
-        nll = F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].reshape(-1), reduction='none')
+        nll = F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].reshape(-1),
+                              reduction='none')
         total += nll.view(len(b), L).sum(0).double().cpu()
     return (total / len(w)).numpy(), len(w)
 
@@ -86,18 +93,21 @@ def evaluate(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    mults = ints(cfg.lengths, 'lengths', 'eval.py')
+    mults = ints(cfg.lengths, 'lengths', 'evaluate.py')
     if not mults or any(m < 1 for m in mults):
-        raise SystemExit(f"evaluate.py: --lengths={cfg.lengths} must be positive integers (multiples of block_size)")
+        raise SystemExit(f"evaluate.py: --lengths={cfg.lengths} must be positive integers "
+                         "(multiples of block_size)")
     for path in (cfg.table, cfg.plot, cfg.json):   # before the evaluation, which can take long
         try:
             if os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
         except OSError as e:
-            raise SystemExit(f"evaluate.py: cannot write {path} ({e.strerror}); pick another path") from None
+            raise SystemExit(f"evaluate.py: cannot write {path} ({e.strerror}); "
+                             "pick another path") from None
     out_dirs = [d for d in cfg.out_dirs.split(',') if d]
     if not out_dirs:
-        raise SystemExit("evaluate.py: --out_dirs is empty; give the run directories, e.g. --out_dirs=out-fm,out-attention")
+        raise SystemExit("evaluate.py: --out_dirs is empty; give the run directories, "
+                         "e.g. --out_dirs=out-fm,out-attention")
     results = []
     for out_dir in out_dirs:
         ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
@@ -115,10 +125,11 @@ def evaluate(cfg):
             t0 = time.time()
             pos, n = loss_by_position(model, data, L, cfg.eval_tokens, cfg.batch_size, device)
             loss = float(pos.mean())
-            r['lengths'].append({'mult': mult, 'length': L, 'windows': n, 'loss': loss, 'ppl': math.exp(loss),
-                                 'loss_first_block': float(pos[:bs].mean()),
-                                 'loss_beyond_block': float(pos[bs:].mean()) if L > bs else None,
-                                 'loss_by_position': [round(float(v), 5) for v in pos]})
+            r['lengths'].append({
+                'mult': mult, 'length': L, 'windows': n, 'loss': loss, 'ppl': math.exp(loss),
+                'loss_first_block': float(pos[:bs].mean()),
+                'loss_beyond_block': float(pos[bs:].mean()) if L > bs else None,
+                'loss_by_position': [round(float(v), 5) for v in pos]})
             log(f"{out_dir} ({margs['mixer']}): L={L} ({mult}x) over {n} windows: loss {loss:.4f}, "
                 f"ppl {math.exp(loss):.3f} [{time.time() - t0:.1f} s]")
         results.append(r)
@@ -130,8 +141,8 @@ def evaluate(cfg):
             f.write(table)
     if cfg.json:
         with open(cfg.json, 'w') as f:
-            json.dump({'config': asdict(cfg), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
-                       'results': results}, f, indent=1)
+            json.dump({'config': asdict(cfg), 'torch': torch.__version__,
+                       'threads': torch.get_num_threads(), 'results': results}, f, indent=1)
     if cfg.plot:
         plot(results, cfg.plot)
     return results
@@ -144,17 +155,18 @@ def markdown_table(results):
     head += [f"{m}x loss (ppl)" for m in mults] if same else ['losses']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in results:
-        cells = [os.path.basename(os.path.normpath(r['out_dir'])), r['mixer'], f"{r['params'] / 1e6:.3f}M",
-                 f"{r['train_tokens'] / 1e6:.2f}M"]
+        cells = [os.path.basename(os.path.normpath(r['out_dir'])), r['mixer'],
+                 f"{r['params'] / 1e6:.3f}M", f"{r['train_tokens'] / 1e6:.2f}M"]
         cells += [f"{l['loss']:.4f} ({l['ppl']:.2f})" for l in r['lengths']] if same else \
             [', '.join(f"{l['length']}: {l['loss']:.4f}" for l in r['lengths'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
     if results:
         bs = sorted({r['block_size'] for r in results})
         lines.append('')
-        lines.append(f"Validation loss in nats per token (perplexity) at context length = multiple x training "
-                     f"block_size ({', '.join(map(str, bs))}); every length scored on the same number of tokens, "
-                     f"each window in one forward pass over its full length.")
+        lines.append("Validation loss in nats per token (perplexity) at context length = "
+                     f"multiple x training block_size ({', '.join(map(str, bs))}); every length "
+                     "scored on the same number of tokens, each window in one forward pass over "
+                     "its full length.")
     return '\n'.join(lines) + '\n'
 
 
@@ -166,12 +178,14 @@ def plot(results, path):
     for r in results:
         label = f"{r['mixer']} ({os.path.basename(os.path.normpath(r['out_dir']))})" \
             if sum(q['mixer'] == r['mixer'] for q in results) > 1 else r['mixer']
-        a.plot([l['mult'] for l in r['lengths']], [l['loss'] for l in r['lengths']], 'o-', label=label)
+        a.plot([l['mult'] for l in r['lengths']], [l['loss'] for l in r['lengths']], 'o-',
+               label=label)
         longest = r['lengths'][-1]
         pos = np.array(longest['loss_by_position'])
         # bins that grow with position (log-spaced, the first one positions 1-7), so the first
         # tokens and the far tail both show without the noise of single positions
-        edges = np.unique(np.concatenate([[1], np.geomspace(min(8, len(pos)), len(pos) + 1, 30).astype(int)]))
+        grown = np.geomspace(min(8, len(pos)), len(pos) + 1, 30).astype(int)
+        edges = np.unique(np.concatenate([[1], grown]))
         x = [(lo + hi - 1) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
         y = [pos[lo - 1:hi - 1].mean() for lo, hi in zip(edges[:-1], edges[1:])]
         b.plot(x, y, '-', label=f"{label}, L={longest['length']}")

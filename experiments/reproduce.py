@@ -1,10 +1,11 @@
 """
-Reproduce a comparison: train every config, evaluate beyond the training context, benchmark decoding.
+Reproduce a comparison: train every config, evaluate beyond the training context, benchmark
+decoding.
 
-    python -m experiments.reproduce                                  # the four config/shakespeare_char_<mixer>.py
+    python -m experiments.reproduce              # the four config/shakespeare_char_<mixer>.py
     python -m experiments.reproduce --max_iters=600 --train_minutes=25
-    python -m experiments.reproduce --configs=config/long_fm.py,config/long_attention.py --runs_dir=out-long \\
-        --results_dir=results/long --lengths=1,2,4,8,16 --decode=False
+    python -m experiments.reproduce --configs=config/long_fm.py,config/long_attention.py \\
+        --runs_dir=out-long --results_dir=results/long --lengths=1,2,4,8,16 --decode=False
 
 1. Train: `python train.py <config>` for every config, into runs_dir/<config name>. Training runs
    in rounds of --round_iters iterations per config (train.py --init_from=resume continues a run
@@ -12,7 +13,8 @@ Reproduce a comparison: train every config, evaluate beyond the training context
    last round that fits in --train_minutes with every config at the same iteration count. The
    learning-rate schedule is always the one of --max_iters (0: the configs' own max_iters, which
    must agree), so a run cut short ends before its learning rate has decayed.
-2. Evaluate: `python -m experiments.evaluate` on every checkpoint at --lengths (multiples of block_size).
+2. Evaluate: `python -m experiments.evaluate` on every checkpoint at --lengths (multiples of
+   block_size).
 3. Decode: `python -m experiments.bench decode` on the checkpoints (--decode=False skips it).
 
 Everything goes to results_dir: eval.md/.png/.json, decode.md/.json, reproduce.json (timings,
@@ -33,7 +35,8 @@ import torch
 
 from common import REPO_DIR, load_checkpoint, log, parse_config, read_config_file
 
-CONFIGS = ','.join(f'config/shakespeare_char_{m}.py' for m in ('fm', 'fm_sparse', 'mamba2', 'attention'))
+MIXERS = ('fm', 'fm_sparse', 'mamba2', 'attention')
+CONFIGS = ','.join(f'config/shakespeare_char_{m}.py' for m in MIXERS)
 
 
 @dataclass
@@ -41,13 +44,13 @@ class ReproduceConfig:
     configs: str = CONFIGS               # comma-separated train.py config files
     runs_dir: str = 'out-repro'          # checkpoints go to runs_dir/<config file name without .py>
     results_dir: str = 'results'
-    max_iters: int = 0                   # 0 = the configs' max_iters (also the LR schedule's length)
-    round_iters: int = 100               # train in rounds: every config this many iterations, then the next round
-    train_minutes: float = 45.0          # no new round once the next would end past this; 0 = no limit
-    skip_trained: bool = False           # continue from the checkpoints in runs_dir (else refuse to overwrite them)
+    max_iters: int = 0                   # 0 = the configs' max_iters (also the LR schedule's)
+    round_iters: int = 100               # a round: every config this many iterations, then the next
+    train_minutes: float = 45.0          # no round that would end past this; 0 = no limit
+    skip_trained: bool = False           # continue from runs_dir's checkpoints (else refuse)
     train_args: str = '--eval_iters=10'  # extra train.py arguments
-    lengths: str = '1,2,4,8,16'          # eval.py: context lengths, as multiples of block_size
-    eval_args: str = '--device=cpu'      # extra eval.py arguments (e.g. --eval_tokens=16384)
+    lengths: str = '1,2,4,8,16'          # evaluate.py: context lengths, as multiples of block_size
+    eval_args: str = '--device=cpu'      # extra evaluate.py arguments (e.g. --eval_tokens=16384)
     decode: bool = True                  # run `bench.py decode` on the trained models
     decode_args: str = '--device=cpu --contexts=1024,8192,16384'   # its arguments
 
@@ -57,26 +60,31 @@ def run_logged(cmd, log_path):
     log(f"$ {shlex.join(cmd)}    (log: {log_path})")
     t0 = time.time()
     with open(log_path, 'w') as f:
-        p = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
         for line in p.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
             f.write(line)
         rc = p.wait()
     if rc != 0:
-        raise SystemExit(f"reproduce.py: command failed with exit status {rc}: {shlex.join(cmd)} (log: {log_path})")
+        raise SystemExit(f"reproduce.py: command failed with exit status {rc}: {shlex.join(cmd)} "
+                         f"(log: {log_path})")
     return time.time() - t0
 
 
 def config_max_iters(conf):
     """The config file's max_iters, else train.py's default (`train.py --help` prints it)."""
     path = conf if os.path.isfile(conf) else os.path.join(REPO_DIR, conf)
-    if 'max_iters' in read_config_file(path):
-        return read_config_file(path)['max_iters']
-    p = subprocess.run([sys.executable, script('train.py'), conf, '--help'], capture_output=True, text=True)
+    values = read_config_file(path)
+    if 'max_iters' in values:
+        return values['max_iters']
+    p = subprocess.run([sys.executable, script('train.py'), conf, '--help'], capture_output=True,
+                       text=True)
     m = re.search(r'^\s*--max_iters=(\d+)', p.stdout, re.M)
     if p.returncode != 0 or not m:
-        raise SystemExit(f"reproduce.py: could not read max_iters of {conf}: {p.stderr.strip() or p.stdout.strip()}")
+        raise SystemExit(f"reproduce.py: could not read max_iters of {conf}: "
+                         f"{p.stderr.strip() or p.stdout.strip()}")
     return int(m.group(1))
 
 
@@ -102,7 +110,8 @@ def main(argv=None):
             raise SystemExit(f"reproduce.py: no config file {c}")
     names = [os.path.splitext(os.path.basename(c))[0] for c in confs]
     if len(set(names)) != len(names):
-        raise SystemExit(f"reproduce.py: two configs share a file name ({', '.join(names)}); their runs would collide")
+        raise SystemExit(f"reproduce.py: two configs share a file name ({', '.join(names)}); "
+                         "their runs would collide")
     out_dirs = [os.path.join(cfg.runs_dir, n) for n in names]
     for d in (res, *out_dirs):
         try:
@@ -112,30 +121,33 @@ def main(argv=None):
                              "pick another --runs_dir or --results_dir") from None
     trained = [d for d in out_dirs if os.path.exists(os.path.join(d, 'ckpt.pt'))]
     if trained and not cfg.skip_trained:   # never overwrite a finished run's checkpoint
-        raise SystemExit(f"reproduce.py: {', '.join(trained)} already hold a checkpoint; continue from it with "
-                         "--skip_trained=True, or pick another --runs_dir")
+        raise SystemExit(f"reproduce.py: {', '.join(trained)} already hold a checkpoint; continue "
+                         "from it with --skip_trained=True, or pick another --runs_dir")
     total = cfg.max_iters
     if not total:
         its = {config_max_iters(c) for c in confs}
         if len(its) != 1:
-            raise SystemExit(f"reproduce.py: the configs disagree on max_iters ({sorted(its)}); pass --max_iters")
+            raise SystemExit(f"reproduce.py: the configs disagree on max_iters ({sorted(its)}); "
+                             "pass --max_iters")
         total = its.pop()
 
     # --- 1. train, in rounds that keep every config at the same iteration ---
     timings = {}
     skipped = []
     if cfg.skip_trained:
-        skipped = [f"{n} (from iteration {done_iters(d)})" for n, d in zip(names, out_dirs) if done_iters(d)]
+        skipped = [f"{n} (from iteration {done_iters(d)})"
+                   for n, d in zip(names, out_dirs) if done_iters(d)]
     step = cfg.round_iters or total
     reached = min(done_iters(d) for d in out_dirs)
     last_round = None
     while reached < total:
         target = min(total, reached + step)
         elapsed = (time.time() - t_start) / 60
-        next_round = last_round * (target - reached) / step / 60 if last_round else 0.0   # minutes
+        next_round = last_round * (target - reached) / step / 60 if last_round else 0.0  # minutes
         if next_round and cfg.train_minutes and elapsed + next_round > cfg.train_minutes:
-            log(f"[reproduce] stopping training at {reached} of {total} iterations: another round, as long as "
-                f"the last, would end past --train_minutes={cfg.train_minutes:g} ({elapsed:.1f} min so far)")
+            log(f"[reproduce] stopping training at {reached} of {total} iterations: another round, "
+                f"as long as the last, would end past --train_minutes={cfg.train_minutes:g} "
+                f"({elapsed:.1f} min so far)")
             break
         t_round = time.time()
         for conf, name, out_dir in zip(confs, names, out_dirs):
@@ -154,36 +166,42 @@ def main(argv=None):
     timings['train (all)'] = time.time() - t_start
 
     # --- 2. evaluate beyond the training context ---
-    cmd = [py, '-m', 'experiments.evaluate', f'--out_dirs={",".join(out_dirs)}', f'--lengths={cfg.lengths}',
-           f'--table={res}/eval.md', f'--plot={res}/eval.png', f'--json={res}/eval.json'] + shlex.split(cfg.eval_args)
+    cmd = [py, '-m', 'experiments.evaluate', f'--out_dirs={",".join(out_dirs)}',
+           f'--lengths={cfg.lengths}', f'--table={res}/eval.md', f'--plot={res}/eval.png',
+           f'--json={res}/eval.json'] + shlex.split(cfg.eval_args)
     timings['eval'] = run_logged(cmd, os.path.join(res, 'eval.log'))
     with open(os.path.join(res, 'eval.json')) as f:
         results = json.load(f)['results']
 
     # --- 3. decoding speed and state size ---
     if cfg.decode:
-        cmd = [py, '-m', 'experiments.bench', 'decode', f'--out_dirs={",".join(out_dirs)}', f'--json={res}/decode.json',
-               f'--table={res}/decode.md'] + shlex.split(cfg.decode_args)
+        cmd = [py, '-m', 'experiments.bench', 'decode', f'--out_dirs={",".join(out_dirs)}',
+               f'--json={res}/decode.json', f'--table={res}/decode.md']
+        cmd += shlex.split(cfg.decode_args)
         timings['bench decode'] = run_logged(cmd, os.path.join(res, 'decode.log'))
     timings['total'] = time.time() - t_start
 
     params = {r['out_dir']: r['params'] for r in results}
     spread = (max(params.values()) / min(params.values()) - 1) * 100
     with open(os.path.join(res, 'reproduce.json'), 'w') as f:
-        json.dump({'config': asdict(cfg), 'argv': argv, 'timings_s': timings, 'iters': reached, 'total_iters': total,
-                   'params': params, 'param_spread_percent': spread, 'torch': torch.__version__,
-                   'cpu_count': os.cpu_count()}, f, indent=1)
+        json.dump({'config': asdict(cfg), 'argv': argv, 'timings_s': timings, 'iters': reached,
+                   'total_iters': total, 'params': params, 'param_spread_percent': spread,
+                   'torch': torch.__version__, 'cpu_count': os.cpu_count()}, f, indent=1)
     with open(os.path.join(res, 'summary.md'), 'w') as f:
-        f.write(f"# Reproduction: `{shlex.join(['python', '-m', 'experiments.reproduce'] + argv)}`\n\n")
+        command = shlex.join(['python', '-m', 'experiments.reproduce'] + argv)
+        f.write(f"# Reproduction: `{command}`\n\n")
         if skipped:
-            f.write(f"(training continued from an earlier run's checkpoints with --skip_trained=True: "
-                    f"{', '.join(skipped)}; the earlier run's time is not in the wall time below)\n\n")
-        f.write(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; parameter counts differ by {spread:.1f} % "
-                f"at most; wall time {timings['total'] / 60:.1f} min ("
-                + ', '.join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if k != 'total') + ").\n\n")
-        f.write(f"Trained {reached} of {total} iterations per config (the learning-rate schedule is the one of "
-                f"{total}{', so it stopped before decaying' if reached < total else ''}), "
-                f"{results[0]['train_tokens'] / 1e6:.2f}M training tokens per config.\n\n")
+            f.write("(training continued from an earlier run's checkpoints with "
+                    f"--skip_trained=True: {', '.join(skipped)}; the earlier run's time is not in "
+                    "the wall time below)\n\n")
+        parts = ', '.join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if k != 'total')
+        f.write(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; parameter counts differ "
+                f"by {spread:.1f} % at most; wall time {timings['total'] / 60:.1f} min "
+                f"({parts}).\n\n")
+        cut = ', so it stopped before decaying' if reached < total else ''
+        tokens = results[0]['train_tokens'] / 1e6
+        f.write(f"Trained {reached} of {total} iterations per config (the learning-rate schedule "
+                f"is the one of {total}{cut}), {tokens:.2f}M training tokens per config.\n\n")
         f.write("## Validation loss beyond the training context\n\n")
         with open(os.path.join(res, 'eval.md')) as g:
             f.write(g.read())
@@ -192,8 +210,9 @@ def main(argv=None):
             f.write("\n## Decoding\n\n")
             with open(os.path.join(res, 'decode.md')) as g:
                 f.write(g.read())
-    log(f"[reproduce] done in {timings['total'] / 60:.1f} min; results in {res}/ (summary.md, eval.md, eval.png, "
-        f"eval.json{', decode.md, decode.json' if cfg.decode else ''}, reproduce.json)")
+    decoded = ', decode.md, decode.json' if cfg.decode else ''
+    log(f"[reproduce] done in {timings['total'] / 60:.1f} min; results in {res}/ (summary.md, "
+        f"eval.md, eval.png, eval.json{decoded}, reproduce.json)")
 
 
 if __name__ == '__main__':

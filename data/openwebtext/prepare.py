@@ -13,7 +13,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare_utils import GPT2_META, gpt2_encoding, parse_args, read_text, split_text, write_splits  # noqa: E402
+from prepare_utils import (  # noqa: E402
+    GPT2_META, gpt2_encoding, parse_args, read_text, split_text, write_splits)
 
 
 def extra_args(p):
@@ -25,15 +26,16 @@ def from_local_text(args, enc):
     text = read_text(args.input, None, args.out_dir)
     train, val = split_text(text, 1.0 - args.val_fraction)
     eot = enc.eot_token
-    write_splits(args.out_dir, enc.encode_ordinary(train) + [eot], enc.encode_ordinary(val) + [eot], dict(GPT2_META))
+    write_splits(args.out_dir, enc.encode_ordinary(train) + [eot], enc.encode_ordinary(val) + [eot],
+                 dict(GPT2_META))
 
 
 def from_hub(args, enc):
     try:
         from datasets import load_dataset
     except ImportError:
-        sys.exit("openwebtext needs the 'datasets' package (pip install datasets) and network access; "
-                 "or pass --input PATH to a local text")
+        sys.exit("openwebtext needs the 'datasets' package (pip install datasets) and network "
+                 "access; or pass --input PATH to a local text")
     try:
         ds = load_dataset('openwebtext', num_proc=args.num_proc, trust_remote_code=True)
     except Exception as e:  # noqa: BLE001 - offline, hub errors, ...
@@ -47,7 +49,8 @@ def from_hub(args, enc):
         ids.append(enc.eot_token)  # documents are separated by <|endoftext|>
         return {'ids': ids, 'len': len(ids)}
 
-    tokenized = split.map(tokenize, remove_columns=['text'], desc='tokenizing', num_proc=args.num_proc)
+    tokenized = split.map(tokenize, remove_columns=['text'], desc='tokenizing',
+                          num_proc=args.num_proc)
     os.makedirs(args.out_dir, exist_ok=True)
     counts = {}
     for name, dset in tokenized.items():
@@ -68,8 +71,9 @@ def from_hub(args, enc):
     import pickle
     with open(os.path.join(args.out_dir, 'meta.pkl'), 'wb') as f:
         pickle.dump(dict(GPT2_META), f)
-    print(f"wrote {args.out_dir}: train.bin {counts['train']:,} tokens, val.bin {counts['val']:,} tokens, "
-          f"meta.pkl (tokenizer gpt2, vocab_size {GPT2_META['vocab_size']})")
+    print(f"wrote {args.out_dir}: train.bin {counts['train']:,} tokens, val.bin "
+          f"{counts['val']:,} tokens, meta.pkl (tokenizer gpt2, vocab_size "
+          f"{GPT2_META['vocab_size']})")
 
 
 def main():

@@ -10,7 +10,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare_utils import GPT2_META, gpt2_encoding, parse_args, read_text, split_text, write_splits  # noqa: E402
+from prepare_utils import (  # noqa: E402
+    GPT2_META, gpt2_encoding, parse_args, read_text, split_text, write_splits)
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
@@ -20,7 +21,8 @@ def main():
     enc = gpt2_encoding()
     text = read_text(args.input, URL, args.out_dir)
     train, val = split_text(text, 0.9)
-    write_splits(args.out_dir, enc.encode_ordinary(train), enc.encode_ordinary(val), dict(GPT2_META))
+    write_splits(args.out_dir, enc.encode_ordinary(train), enc.encode_ordinary(val),
+                 dict(GPT2_META))
 
 
 if __name__ == '__main__':
