@@ -74,7 +74,14 @@ class ScanBench:
     ssd_minimal: str = ''                # path to state-spaces/mamba's mamba_ssm/modules/ssd_minimal.py:
                                          # its ssd_minimal_discrete is timed beside the scalar-decay path
     threads: int = 0                     # torch CPU threads; 0 = torch's default
-    json: str = ''                       # write the rows here (a list of objects)
+    impls: str = ''                      # only these: comma-separated names, or the groups 'ours', 'peers',
+                                         # 'triton' (both Triton rows); all if empty
+    bytes: bool = False                  # also count the HBM bytes of one Triton fwd+bwd (kernels.hbm_bytes)
+    json: str = ''                       # write the rows here (a list of objects), rewritten after each row
+
+
+OURS = ['naive', 'chunked', 'chunked, scalar decay', 'triton', 'triton, scalar decay']
+PEERS = ['fla chunk_gla', 'mamba_chunk_scan_combined', 'ssd_minimal (Mamba-2 listing)']
 
 
 def load_ssd_minimal(path):
@@ -148,11 +155,25 @@ def set_threads(n):
 
 
 def write_json(path, rows):
+    """rows as a JSON list at path, replaced atomically (a reader or a kill never sees half a file)."""
     if path:
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'w') as f:
+        with open(path + '.part', 'w') as f:
             json.dump(rows, f, indent=1)
+        os.replace(path + '.part', path)
+
+
+class Rows(list):
+    """The rows of one benchmark: each append rewrites the JSON file (--json), so a run stopped
+    by a timeout keeps every row it finished. extra: fields added to every row."""
+    def __init__(self, path, **extra):
+        super().__init__()
+        self.path, self.extra = path, extra
+
+    def append(self, row):
+        super().append({**row, **self.extra})
+        write_json(self.path, self)
 
 
 def bench_scan(cfg):
@@ -174,8 +195,8 @@ def bench_scan(cfg):
     dy = torch.randn(B, T, H, P, generator=gen).to(device)
     print(f"scan benchmark on {device}, torch {torch.__version__}, {threads} threads", flush=True)
 
-    rows = []
-    for name, (decay, fn) in scan_impls(cfg, device).items():
+    rows = Rows(cfg.json)
+    for name, (decay, fn) in pick_impls(scan_impls(cfg, device), cfg.impls).items():
         args = inputs[decay]
         def fwd():
             with torch.no_grad():
@@ -203,13 +224,25 @@ def bench_scan(cfg):
           f"median of {cfg.repeats}; decay 'slot' = g (B,T,H,M) (FM), 'scalar' = g (B,T,H,1) (Mamba-2)\n")
     print("| scan | decay | fwd ms | fwd+bwd ms | fwd+bwd vs chunked, scalar decay | tokens/s fwd+bwd | peak MiB |")
     print("|---|---|---|---|---|---|---|")
-    ref = next(r for r in rows if r['impl'] == 'chunked, scalar decay')['fwd_bwd_ms']
+    ref = next((r['fwd_bwd_ms'] for r in rows if r['impl'] == 'chunked, scalar decay'), float('nan'))
     for r in rows:
         peak = f"{r['peak_mib']:.0f}" if r['peak_mib'] is not None else "-"
         print(f"| {r['impl']} | {r['decay']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_ms'] / ref:.2f}x "
               f"| {B * T / r['fwd_bwd_ms'] * 1e3:,.0f} | {peak} |")
-    write_json(cfg.json, rows)
     return rows
+
+
+def pick_impls(impls, spec):
+    """The impls named in spec (comma-separated names, or the groups 'ours' and 'peers'); all if empty."""
+    if not spec:
+        return impls
+    groups = {'ours': [n for n in impls if n in OURS], 'peers': [n for n in impls if n in PEERS],
+              'triton': ['triton', 'triton, scalar decay']}
+    names = [n for part in spec.split(',') if part for n in groups.get(part, [part])]
+    unknown = [n for n in names if n not in impls and n not in OURS + PEERS]
+    if unknown:
+        sys.exit(f"bench.py scan: --impls: unknown {unknown}; known here: {list(impls)}, or 'ours', 'peers'")
+    return {n: impls[n] for n in names if n in impls}
 
 
 # -----------------------------------------------------------------------------
@@ -256,7 +289,7 @@ def bench_train(cfg):
     models = train_models(cfg)
     print(f"train-step benchmark on {device}, torch {torch.__version__}, {threads} threads, "
           f"compile={cfg.compile}", flush=True)
-    rows = []
+    rows = Rows(cfg.json)
     gen = torch.Generator().manual_seed(cfg.seed)
     for T, batch in shapes:
         idx = torch.randint(cfg.vocab_size, (batch, T + 1), generator=gen).to(device)
@@ -319,7 +352,6 @@ def bench_train(cfg):
     if cfg.compile:
         print("\nwarm-up steps (the first compiles), s: " +
               ', '.join(f"{r['mixer']} T={r['T']} {r['warmup_s']:.1f}" for r in rows))
-    write_json(cfg.json, rows)
     return rows
 
 
@@ -351,7 +383,7 @@ class DecodeBench:
     seed: int = 0
     out_dirs: str = ''                   # instead of the size above: the models of these train.py
                                          # checkpoints (out_dir/ckpt.pt, comma-separated), trained weights
-    json: str = ''                       # write the rows here (a list of objects)
+    json: str = ''                       # write the rows here (a list of objects), rewritten after each row
     table: str = ''                      # write the markdown tables here too
 
 
@@ -364,11 +396,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def decode_context_rows(cfg, device, contexts, mixers):
+def decode_context_rows(cfg, device, contexts, mixers, rows):
     """Prefill each model over `context` tokens with its parallel forward (the real cache:
     recurrent state, or a KV cache of that length), then time single decoding steps."""
     from model import LM, ModelConfig
-    rows = []
     gen = torch.Generator().manual_seed(cfg.seed)
     for mixer in mixers:
         torch.manual_seed(cfg.seed)
@@ -407,12 +438,11 @@ def decode_context_rows(cfg, device, contexts, mixers):
     return rows
 
 
-def decode_slot_rows(cfg, device, slots):
+def decode_slot_rows(cfg, device, slots, rows):
     """One layer's decoding step, fm (all m rows) vs fm_sparse (top_k rows), as m grows; and
     the scan step alone (scan.scan_step vs scan.scan_step_sparse). The memory is filled with
     random values (its size does not depend on the position, only on m)."""
     from model import ModelConfig, RecurrentMixer
-    rows = []
     k = cfg.slot_top_k
     B = cfg.batch_size
     for m in slots:
@@ -543,17 +573,15 @@ def bench_decode(cfg):
         mixers = {m.config.mixer: m for m in models}
     slots = ints(cfg.slots, 'slots', 'bench.py decode')
     print(f"decode benchmark on {device}, torch {torch.__version__}, {threads} threads", flush=True)
-    rows = []
+    rows = Rows(cfg.json, device=str(device), threads=threads)     # rewritten after each row
     with torch.no_grad():
         if contexts and mixers:
-            rows += decode_context_rows(cfg, device, contexts, mixers)
+            decode_context_rows(cfg, device, contexts, mixers, rows)
         if slots:
-            rows += decode_slot_rows(cfg, device, slots)
-    for r in rows:
-        r.update(device=str(device), threads=threads)
+            decode_slot_rows(cfg, device, slots, rows)
     table = decode_tables(rows, cfg, threads, device)
     print('\n' + table)
-    for path, write in ((cfg.table, lambda f: f.write(table)), (cfg.json, lambda f: json.dump(rows, f, indent=1))):
+    for path, write in ((cfg.table, lambda f: f.write(table)),):
         if path:
             if os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,4 +1,6 @@
-"""The GPU path on a GPU: skipped without CUDA (scripts/gpu_check.sh runs it on one).
+"""The GPU path on a GPU: skipped without CUDA (experiments/gpu_check.py, call 1, runs it on one).
+Also, without a GPU: the checklist's plan fits its device calls (its dry run), and a call on a
+machine without CUDA records its CUDA steps as skipped and packs what it has for $OUT.
 
 - scan_triton against scan_naive on CUDA tensors, fp32 and bf16 (and the model's mix:
   bf16 x under autocast with fp32 gates), forward and every gradient, at the model's
@@ -20,9 +22,9 @@ import torch
 import scan
 from model import LM, MIXERS, ModelConfig
 
-pytestmark = [pytest.mark.triton_mode('compiler'),
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="needs a CUDA device (scripts/gpu_check.sh runs these on a GPU)")]
+pytestmark = pytest.mark.triton_mode('compiler')
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (experiments/gpu_check.py runs these on a GPU)")
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 F32, BF16 = torch.float32, torch.bfloat16
@@ -78,6 +80,7 @@ SCAN_CASES = [  # routing, B, T, H, M, P, x dtype, gate dtype, chunk
 
 @pytest.mark.parametrize('routing,B,T,H,M,P,dtype,gate_dtype,chunk', SCAN_CASES,
                          ids=lambda v: str(v).replace('torch.', ''))
+@needs_cuda
 def test_scan_triton_equals_naive_on_cuda(routing, B, T, H, M, P, dtype, gate_dtype, chunk):
     import kernels
     x, g, beta, q, S0 = inputs(B, T, H, M, P, routing, dtype, gate_dtype)
@@ -102,6 +105,7 @@ def test_scan_triton_equals_naive_on_cuda(routing, B, T, H, M, P, dtype, gate_dt
     assert all(e <= TOL[dtype] for e in errs.values()), errs
 
 
+@needs_cuda
 @pytest.mark.parametrize('M,P', [(64, 64), (4096, 64), (100, 48), (1, 3)])
 @pytest.mark.parametrize('dtype', [F32, BF16])
 @pytest.mark.parametrize('broadcast', [False, True])
@@ -121,6 +125,7 @@ def test_step_dense_on_cuda(M, P, dtype, broadcast):
     assert rel_err(y.float(), y_ref.float()) <= TOL[dtype]
 
 
+@needs_cuda
 @pytest.mark.parametrize('M,K,P', [(64, 8, 64), (16384, 16, 64), (100, 3, 48), (5, 1, 3)])
 @pytest.mark.parametrize('dtype', [F32, BF16])
 def test_step_sparse_on_cuda(M, K, P, dtype):
@@ -166,6 +171,7 @@ MODEL_CASES = [(m, {}) for m in MIXERS] + [('fm_sparse', dict(n_slots=20, top_k=
 
 @pytest.mark.parametrize('mixer,kw', MODEL_CASES, ids=lambda v: v if isinstance(v, str) else
                          '-'.join(f"{k}{x}" for k, x in v.items()) or 'default')
+@needs_cuda
 def test_lm_on_cuda_equals_lm_on_cpu(mixer, kw):
     """Logits and the gradients of every parameter: the Triton path vs the PyTorch one."""
     cpu = scaled_model(tiny(mixer, scan_impl='chunked', **kw)).train()
@@ -186,6 +192,7 @@ def test_lm_on_cuda_equals_lm_on_cpu(mixer, kw):
 
 @pytest.mark.parametrize('mixer,kw', MODEL_CASES, ids=lambda v: v if isinstance(v, str) else
                          '-'.join(f"{k}{x}" for k, x in v.items()) or 'default')
+@needs_cuda
 @pytest.mark.parametrize('n_prompt', [1, 37])
 def test_prefill_and_steps_equal_the_forward_on_cuda(mixer, kw, n_prompt):
     model = scaled_model(tiny(mixer, **kw)).to(DEV)
@@ -199,6 +206,7 @@ def test_prefill_and_steps_equal_the_forward_on_cuda(mixer, kw, n_prompt):
     assert rel_err(stepped, full) <= 1e-4
 
 
+@needs_cuda
 def test_lm_trains_under_bf16_autocast_on_cuda():
     """The training path (bf16 autocast, Triton scan): finite loss that falls on one batch."""
     torch.manual_seed(0)
@@ -215,3 +223,43 @@ def test_lm_trains_under_bf16_autocast_on_cuda():
         losses.append(loss.item())
     assert all(map(lambda v: v == v and abs(v) < 1e9, losses))
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+# --- the checklist, without a GPU ---------------------------------------------------------------
+
+def test_gpu_check_dry_run_prints_a_plan_that_fits():
+    import subprocess
+    import sys
+    from experiments import gpu_check
+    r = subprocess.run([sys.executable, '-m', 'experiments.gpu_check', '--dry-run'], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    per_call = gpu_check.check_plan()
+    assert sorted(per_call) == [1, 2, 3] and max(per_call.values()) <= 300 and sum(per_call.values()) <= 720
+    for step in gpu_check.STEPS:                    # every step, its budget and its call
+        assert any(l.split()[:3] == [str(step.call), step.name, str(step.budget_s)] for l in r.stdout.splitlines())
+    order = [s.name for s in gpu_check.STEPS]       # the issue's priorities, in this order
+    firsts = [order.index('pytest_cuda'), order.index('scan_bf16'), order.index('decode'),
+              order.index('peers_autotune'), order.index('train_fm_sparse_T1024'), order.index('sanitizer')]
+    assert firsts == sorted(firsts) and order.index('peers_autotune') < order.index('peers')
+    assert f"total {sum(per_call.values())} s" in r.stdout
+    print(r.stdout)
+
+
+def test_gpu_check_without_cuda_records_and_packs(tmp_path, monkeypatch):
+    """A call on a machine without CUDA: env runs, CUDA steps are 'skipped', and $OUT gets the pack."""
+    import subprocess
+    import sys
+    import tarfile
+    out = tmp_path / 'out'
+    out.mkdir()
+    env = dict(__import__('os').environ, OUT=str(out), CUDA_VISIBLE_DEVICES='')
+    r = subprocess.run([sys.executable, '-m', 'experiments.gpu_check', '--call=1', '--only=env,pytest_cuda',
+                        f"--results={tmp_path / 'res'}"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+    steps = {s['step']: s for s in json.load(open(out / 'checklist_call1.json'))['steps']}
+    assert steps['env']['status'] == 'passed' and steps['pytest_cuda']['status'] == 'skipped'
+    with tarfile.open(out / 'gpu_call1.tar.gz') as tar:
+        names = tar.getnames()
+    assert './env.json' in names and './logs/env.log' in names
