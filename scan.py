@@ -30,15 +30,15 @@ Where scan.py and kernels.py differ
     matmuls win. A Triton program keeps its tiles in registers, where an elementwise pass is
     almost free, and tl.dot's smallest tile side is 16.
     - The sub-chunk L: 32 here (SUB), 16 in kernels.py (kernels.SUB, tl.dot's minimum). Fewer,
-      larger sub-chunks are faster on CPU (fwd+bwd, B=4 T=2048 H=4 M=64 P=64, 1 thread:
-      L=16 269 ms, L=32 183 ms).
+      larger sub-chunks are faster on CPU: fwd+bwd at B=4 T=2048 H=4 M=64 P=64, 1 thread, runs
+      about 1.2x faster at L=32 than at L=16.
     - The diagonal blocks A_a of stage 3: here one matmul factored through the sub-chunk's
       start r, A_a = (q_a e^{G_a - G_r})(beta_a e^{G_r - G_a})^T, for every sub-chunk that
       decays by less than MAX_SPAN = 60 nats on all slots (so e^{G_r - G_a} <= e^60 is finite
-      in fp32 and the product exact to rounding); only a sub-chunk that decays faster is
-      computed pairwise, as an L x L x M tensor, which on a CPU costs more than the rest of
-      the scan. kernels.py computes every diagonal block pairwise, one column at a time in
-      registers: no L x L x M tensor in memory, and no span to check.
+      in fp32, and e^{G_t - G_r} e^{G_r - G_s} is e^{G_t - G_s} to rounding); only a sub-chunk
+      that decays faster is computed pairwise, as an L x L x M tensor, which on a CPU costs
+      more than the rest of the scan. kernels.py computes every diagonal block pairwise, one
+      column at a time in registers: no L x L x M tensor in memory, and no span to check.
     - Stage 2: here one matmul by the (n+1) x (n+1) matrix of decays between chunk ends
       (_segsum), not n small dependent ops; kernels.py loops over the n chunks, the state in
       registers.
@@ -195,12 +195,12 @@ def _segsum(a):
 
 
 def _state_pass(dS, G_C, S, reverse=False):
-    """Stage 2 from S_in[0] = S, as one matmul by the (n+1) x (n+1) matrix of decays between
-    chunk ends:  [S_in[0..n-1], S_final] = Dm [S, dS_0..dS_{n-1}],  Dm[z,c] = e^{sum of G_C over
-    chunks c..z-1}.  reverse, the backward's stage 2:  [dS_initial, E[0..n-1]] = Dm^T [dD_0..
-    dD_{n-1}, dS_final], E[c] the adjoint at the end of chunk c from later chunks.
-    dS (B,H,n,M,P); G_C (B,H,n,M) or (B,H,n,1), the chunks' total log-decays; S (B,H,M,P).
-    Returns (S_in, S_final), or with reverse (E, dS_initial): (B,H,n,M,P), (B,H,M,P)."""
+    """Stage 2 (with reverse, the backward's) as one matmul by the (n+1) x (n+1) matrix Dm of
+    decays between chunk ends, Dm[z,c] = e^{sum of G_C over chunks c..z-1}:
+        forward:  [S_in[0..n-1], S_final] = Dm [S, dS_0 .. dS_{n-1}]             (S = S0)
+        reverse:  [dS_initial, E[0..n-1]] = Dm^T [dD_0 .. dD_{n-1}, dS_final]    (S = dS_final)
+    dS (B,H,n,M,P), the dS_c or dD_c; G_C (B,H,n,M) or (B,H,n,1), the chunks' total log-decays;
+    S (B,H,M,P). Returns (S_in, S_final), or with reverse (E, dS_initial)."""
     B, H, n, M, P = dS.shape
     K = G_C.shape[-1]                                               # M, or 1 (scalar decay)
     Dm = torch.exp(_segsum(F.pad(G_C.transpose(-1, -2), (1, 0))))  # (B,H,K,n+1,n+1)
