@@ -31,12 +31,13 @@ BALANCES = ('none', 'aux', 'bias')
 
 @dataclass
 class ModelConfig:
-    """The model. Its defaults are train.py's default run: sparse FM, 4 layers x 128, on characters."""
-    vocab_size: int = 50304     # train.py sets it from the dataset (65 characters for shakespeare_char)
+    """The model. Its defaults are train.py's default run: sparse FM, 4 layers x 128, on
+    characters."""
+    vocab_size: int = 50304     # train.py sets it from the dataset (65 for shakespeare_char)
     block_size: int = 64        # training context; recurrent mixers run past it
     n_layer: int = 4
     n_embd: int = 128
-    n_head: int = 4             # attention heads (recurrent mixers have expand*n_embd/head_dim heads)
+    n_head: int = 4             # attention heads (recurrent: expand*n_embd/head_dim heads)
     dropout: float = 0.0
     bias: bool = False
     mixer: str = 'fm_sparse'    # fm | fm_sparse | mamba2 | attention
@@ -44,7 +45,8 @@ class ModelConfig:
     head_dim: int = 64          # P
     n_slots: int = 64           # m: memory slots (Mamba-2: state size N)
     top_k: int = 8              # k: slots written and read per token (fm_sparse)
-    update_rate: str = 'head'   # Δ per head (Mamba-2's), or 'slot': per slot, shared by the heads (fm, fm_sparse)
+    update_rate: str = 'head'   # Δ per head (Mamba-2's), or 'slot': per slot, shared by the
+                                #   heads (fm, fm_sparse)
     d_conv: int = 4             # width of the short causal conv before the recurrent scan
     attn_conv: bool = False     # attention: the same short conv on q, k, v (off: plain attention)
     chunk_size: int = 64
@@ -76,7 +78,8 @@ class ModelConfig:
         need(self.update_rate in ('head', 'slot'), 'update_rate', "must be 'head' or 'slot'")
         need(self.update_rate == 'head' or self.mixer in ('fm', 'fm_sparse'), 'update_rate',
              f"'slot' is for the FM mixers (fm, fm_sparse), not {self.mixer}")
-        need(self.router_balance in BALANCES, 'router_balance', f"must be one of {', '.join(BALANCES)}")
+        need(self.router_balance in BALANCES, 'router_balance',
+             f"must be one of {', '.join(BALANCES)}")
         need(self.router_aux_coef >= 0, 'router_aux_coef', "must be >= 0")
         need(self.router_bias_rate >= 0, 'router_bias_rate', "must be >= 0")
         need(not self.attn_conv or self.mixer == 'attention', 'attn_conv',
@@ -102,7 +105,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * rms).type_as(x) * self.weight
 
 
 class MLP(nn.Module):
@@ -135,7 +139,8 @@ class ShortConv(nn.Conv1d):
     def step(self, x, window):
         """x (B,ch), window (B,ch,d_conv-1) -> y (B,ch) and the next window."""
         full = torch.cat([window, x[..., None]], dim=-1)           # (B, ch, d_conv)
-        return ((full * self.weight[:, 0]).sum(-1) + self.bias).to(x.dtype), full[..., 1:]  # dtype as under autocast
+        y = (full * self.weight[:, 0]).sum(-1) + self.bias
+        return y.to(x.dtype), full[..., 1:]   # in x's dtype, as the forward under autocast
 
     def new_window(self, B, device):
         """The window before any input: zeros, as the conv's padding."""
@@ -147,8 +152,8 @@ class ShortConv(nn.Conv1d):
 
 
 def switch_aux_loss(r, idx, M):
-    """The Switch Transformer's load-balancing loss M·Σ_i f_i·P_i for router logits r (..., M) and
-    their top-k idx (..., k): f_i the fraction of selections that went to slot i (no gradient),
+    """The Switch Transformer's load-balancing loss M·Σ_i f_i·P_i for router logits r (..., M)
+    and their top-k idx (..., k): f_i the fraction of selections that went to slot i (no gradient),
     P_i the mean softmax probability of slot i over all M, so every slot's logit gets a gradient,
     selected or not. 1 when the load is uniform, up to M when every token picks the same slots."""
     f = torch.bincount(idx.flatten(), minlength=M).float() / idx.numel()   # (M,) sums to 1
@@ -172,7 +177,8 @@ def scan_impls(config, device):
         import kernels
         return (partial(kernels.scan_triton, chunk_size=config.chunk_size),
                 kernels.scan_step_triton, kernels.scan_step_sparse_triton)
-    parallel = scan.scan_naive if mode == 'naive' else partial(scan.scan_chunked, chunk_size=config.chunk_size)
+    parallel = (scan.scan_naive if mode == 'naive'
+                else partial(scan.scan_chunked, chunk_size=config.chunk_size))
     return parallel, scan.scan_step, scan.scan_step_sparse
 
 
@@ -189,9 +195,10 @@ class RecurrentMixer(nn.Module):
         self.H = self.d_inner // self.P
         self.M = config.n_slots
         self.top_k = config.top_k
-        self.n_dt = self.M if config.update_rate == 'slot' else self.H   # one Δ per slot, or per head
+        self.n_dt = self.M if config.update_rate == 'slot' else self.H   # a Δ per slot, or per head
         # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H, or m per slot)
-        self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.n_dt, bias=config.bias)
+        self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.n_dt,
+                                 bias=config.bias)
         self.conv_dim = self.d_inner + 2 * self.M      # conv over [x, r, q]
         self.conv = ShortConv(self.conv_dim, config.d_conv)
         if self.kind != 'mamba2' and not config.router_conv_bias:
@@ -205,7 +212,7 @@ class RecurrentMixer(nn.Module):
             self.register_buffer('route_bias', torch.zeros(self.M))
         self.slot_load = None    # (M,) selections since the last update_router_bias (training)
         self.aux_loss = None     # () this forward's Switch loss, with router_balance='aux'
-        # Mamba-2's initialisation: Δ = softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in [-16, -1].
+        # Mamba-2's init: Δ = softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in [-16, -1].
         dt = torch.exp(torch.rand(self.n_dt) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.empty(self.H).uniform_(1, 16)))
@@ -239,9 +246,9 @@ class RecurrentMixer(nn.Module):
         if self.config.update_rate == 'slot':                      # Δ[t,i], shared by the heads
             beta = (Δ * w)[..., None, :].expand(*w.shape[:-1], self.H, self.M)
         else:                                                      # Δ[t,h]
-            beta = Δ[..., None] * w[..., None, :]                  # write strength into slot i: Δ·w
+            beta = Δ[..., None] * w[..., None, :]                  # write strength of slot i: Δ·w
         g = A[:, None] * beta                                      # log-decay of slot i: Δ·A·w <= 0
-        if idx is not None:                                        # sparse: read only the k active slots
+        if idx is not None:                                        # sparse: read only the k active
             q = q.float() * torch.zeros_like(w).scatter(-1, idx, 1.0)
         return g, beta, q.float()[..., None, :].expand_as(beta), idx
 
@@ -251,7 +258,7 @@ class RecurrentMixer(nn.Module):
         x, r, q = torch.split(xrq, [self.d_inner, self.M, self.M], dim=-1)
         x, q = F.silu(x), F.silu(q)
         if self.kind == 'mamba2':
-            r = F.silu(r)                                          # Mamba-2's B; FM's r stays raw (router logits)
+            r = F.silu(r)                                          # Mamba-2's B; FM's r stays raw
         g, beta, q_read, idx = self.gates(r, q, dt)
         return x.unflatten(-1, (self.H, self.P)), g, beta, q_read, idx
 
@@ -305,8 +312,9 @@ class RecurrentMixer(nn.Module):
         _, step, step_sparse = scan_impls(self.config, u.device)
         if idx is None:
             y, cache.S = step(cache.S, x, g, beta, q_read)
-        else:                                                      # touch only the k active rows of S
-            pick = lambda t: t.gather(-1, idx[:, None, :].expand(*t.shape[:-1], self.top_k))  # (B,H,k)
+        else:                                                      # touch only the k active rows
+            # (B,H,M) -> (B,H,k): the k active slots' entries
+            pick = lambda t: t.gather(-1, idx[:, None, :].expand(*t.shape[:-1], self.top_k))
             y, cache.S = step_sparse(cache.S, x, pick(g), pick(beta), pick(q_read), idx)
         return self.output(y, x, z)
 
@@ -341,7 +349,9 @@ def router_usage(model, idx):
     was_training = model.training
     model.eval()
     try:
-        model(idx)
+        x = model.wte(idx)                                         # the blocks only: no logits
+        for block in model.blocks:
+            x, _ = block(x)
     finally:
         for h in hooks:
             h.remove()
@@ -366,7 +376,8 @@ def slot_stats(share, sparse):
     dead = (share == 0) if sparse else (share < 0.01 / M)
     return {'effective': round(math.exp(-(p * p.log()).sum().item()), 2),
             'dead': int(dead.sum()), 'm': M, 'max_share': round(share.max().item(), 4),
-            'top10_share': round(share.sort(descending=True).values[:math.ceil(M / 10)].sum().item(), 4)}
+            'top10_share': round(share.sort(descending=True).values[:math.ceil(M / 10)]
+                                 .sum().item(), 4)}
 
 
 def router_health(model, idx):
@@ -379,7 +390,8 @@ def health_summary(stats):
     """One compact phrase for a log line: ranges over the layers."""
     def span(key, fmt='{:.0f}'):
         lo, hi = min(s[key] for s in stats), max(s[key] for s in stats)
-        return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+        lo, hi = fmt.format(lo), fmt.format(hi)
+        return lo if lo == hi else f"{lo}-{hi}"
     return (f"slots eff {span('effective')}/{stats[0]['m']}, dead {span('dead')}, "
             f"max share {span('max_share', '{:.1%}')}")
 
@@ -413,7 +425,7 @@ class Attention(nn.Module):
         self.hd = config.n_embd // config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # attn_conv: a key can carry the token before it, so one layer can look up "the token after
-        # this key" without a second layer's previous-token head (the recurrent mixers' conv does the same)
+        # this key" without a second layer's previous-token head (as the recurrent mixers' conv)
         self.conv = ShortConv(3 * config.n_embd, config.d_conv) if config.attn_conv else None
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
@@ -444,7 +456,7 @@ class Attention(nn.Module):
         if self.conv is not None:
             qkv, cache.conv = self.conv.step(qkv, cache.conv)
         q, k, v = self.heads(qkv[:, None], pos)
-        if cache.len == cache.k.shape[2]:                          # grow by doubling: amortised O(1) appends
+        if cache.len == cache.k.shape[2]:                          # double: amortised O(1) appends
             cache.k = torch.cat([cache.k, torch.zeros_like(cache.k)], dim=2)
             cache.v = torch.cat([cache.v, torch.zeros_like(cache.v)], dim=2)
         cache.k[:, :, cache.len] = k[:, :, 0]
@@ -494,7 +506,7 @@ class LM(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight                      # tied embeddings
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():                    # GPT-2's scaled init of residual outputs
+        for name, p in self.named_parameters():                    # GPT-2's scaled residual outputs
             if name.endswith('out_proj.weight') or name.endswith('w2.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -519,7 +531,8 @@ class LM(nn.Module):
         if c.mixer == 'attention':
             mix = 2 * T * c.n_embd
         else:
-            H, M, P, C = c.expand * c.n_embd // c.head_dim, c.n_slots, c.head_dim, min(c.chunk_size, T)
+            H, M, P = c.expand * c.n_embd // c.head_dim, c.n_slots, c.head_dim
+            C = min(c.chunk_size, T)
             mix = H * (4 * M * P + C * (M + P))
         return 6 * self.get_num_params() + 3 * c.n_layer * mix
 
@@ -533,10 +546,11 @@ class LM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
                                    ignore_index=-1)
-            if self.training and self.config.router_balance == 'aux' and self.config.mixer == 'fm_sparse':
+            c = self.config
+            if self.training and c.router_balance == 'aux' and c.mixer == 'fm_sparse':
                 # training only: evaluation losses stay the plain cross-entropy
                 aux = sum(b.mixer.aux_loss for b in self.blocks)      # each layer's router its own
-                loss = loss + self.config.router_aux_coef * aux
+                loss = loss + c.router_aux_coef * aux
         return logits, loss
 
     def update_router_bias(self, all_reduce=None):
@@ -610,8 +624,8 @@ class LM(nn.Module):
         return idx
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on tensors of 2+ dims (matrices, embeddings, conv kernels), not on gains,
-        biases, A_log, dt_bias, D_skip."""
+        """AdamW; weight decay on tensors of 2+ dims (matrices, embeddings, conv kernels), not
+        on gains, biases, A_log, dt_bias, D_skip (route_bias is a buffer: not optimized)."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]

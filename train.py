@@ -1,11 +1,11 @@
 """
 Train a language model (FM, sparse FM, Mamba-2 or attention mixer) on a prepared dataset.
 
-    python train.py                                   # the default run: fm_sparse on shakespeare_char
+    python train.py                                   # the default run: fm_sparse, shakespeare_char
     python train.py config/shakespeare_char_fm.py     # a config file (flat `key = value` lines)
     python train.py --n_layer=2 --max_iters=100       # --key=value overrides (type-checked)
     python train.py --out_dir=out --init_from=resume  # continue a run from out/ckpt.pt, exactly
-    torchrun --nproc_per_node=2 train.py ...          # data-parallel (DDP; NCCL on CUDA, gloo on CPU)
+    torchrun --nproc_per_node=2 train.py ...          # data-parallel (DDP; NCCL on CUDA, else gloo)
     python train.py --help                            # every key with its value
 
 The keys are TrainConfig's below and ModelConfig's (model.py); both dataclasses' defaults are
@@ -61,22 +61,26 @@ class TrainConfig:
     lr_decay_iters: int = 1500           # keep equal to max_iters (a separate key so that
     min_lr: float = 2e-4                 #   extending a run with resume keeps the schedule)
     # system
-    device: str = 'auto'                 # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-    dtype: str = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, else float32) | 'float32' | 'bfloat16'
-                                         #   | 'float16'
+    device: str = 'auto'                 # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:N'
+                                         #   | 'mps'
+    dtype: str = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, else float32)
+                                         #   | 'float32' | 'bfloat16' | 'float16'
     compile: bool = False                # torch.compile the model
-    peak_flops: float = 0.0              # per device, for MFU; 0 = known GPUs' bf16 peak (else no MFU)
+    peak_flops: float = 0.0              # per device, for MFU; 0 = known GPUs' bf16 peak
     seed: int = 1337
 
     def validate(self):
         checks = [(self.init_from in ('scratch', 'resume'), 'init_from', "'scratch' or 'resume'"),
-                  (not os.path.isfile(self.out_dir), 'out_dir', "a directory, not an existing file"),
+                  (not os.path.isfile(self.out_dir), 'out_dir',
+                   "a directory, not an existing file"),
                   (self.learning_rate > 0, 'learning_rate', "> 0"),
                   (self.grad_clip >= 0, 'grad_clip', ">= 0 (0 disables clipping)"),
                   (self.peak_flops >= 0, 'peak_flops', ">= 0 (0 = from the GPU's name)")]
         checks += [(getattr(self, k) >= 1, k, ">= 1") for k in
-                   ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps')]
-        checks += [(getattr(self, k) >= 0, k, ">= 0") for k in ('max_iters', 'warmup_iters', 'lr_decay_iters')]
+                   ('eval_interval', 'eval_iters', 'log_interval', 'batch_size',
+                    'gradient_accumulation_steps')]
+        checks += [(getattr(self, k) >= 0, k, ">= 0") for k in
+                   ('max_iters', 'warmup_iters', 'lr_decay_iters')]
         for ok, key, need in checks:
             if not ok:
                 raise SystemExit(f"train.py: {key}={getattr(self, key)!r} must be {need}")
@@ -91,8 +95,9 @@ PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
 
 
 def ensure_dataset(data_dir, dataset, prepare):
-    """Exit with the prepare command to run if the dataset is missing; shakespeare_char is prepared
-    here instead if `prepare` (not under torchrun: a rank that fails alone leaves the others hanging)."""
+    """Exit with the prepare command to run if the dataset is missing; shakespeare_char is
+    prepared here instead if `prepare` (not under torchrun: a rank that fails alone leaves the
+    others hanging)."""
     d = os.path.join(data_dir, dataset)
     if os.path.exists(os.path.join(d, 'train.bin')) and os.path.exists(os.path.join(d, 'val.bin')):
         return
@@ -102,10 +107,12 @@ def ensure_dataset(data_dir, dataset, prepare):
     if not os.path.isfile(script):
         known = sorted(n for n in os.listdir(os.path.join(REPO_DIR, 'data'))
                        if os.path.isfile(os.path.join(REPO_DIR, 'data', n, 'prepare.py')))
-        raise SystemExit(f"dataset '{dataset}' not found: no {d}/train.bin and no data/{dataset}/prepare.py "
+        raise SystemExit(f"dataset '{dataset}' not found: no {d}/train.bin and no "
+                         f"data/{dataset}/prepare.py "
                          f"(datasets with a prepare script: {', '.join(known)})")
     if dataset != 'shakespeare_char' or not prepare:
-        raise SystemExit(f"dataset '{dataset}' is not prepared ({d}/train.bin is missing); run: {cmd}")
+        raise SystemExit(f"dataset '{dataset}' is not prepared ({d}/train.bin is missing); "
+                         f"run: {cmd}")
     print(f"dataset '{dataset}' is not prepared; running: {cmd}", flush=True)
     if subprocess.call([sys.executable, script, '--out_dir', d]) != 0:
         raise SystemExit(1)
@@ -118,18 +125,21 @@ def mix_seed(*xs):
 
 
 def get_batch(path, block_size, batch_size, gen, device):
-    """batch_size random windows of block_size+1 tokens from the uint16 file at path, drawn with gen."""
-    data = np.memmap(path, dtype=np.uint16, mode='r')   # re-opened each call: memmaps leak otherwise
+    """batch_size random windows of block_size+1 tokens from the uint16 file at path, drawn
+    with gen."""
+    data = np.memmap(path, dtype=np.uint16, mode='r')   # re-opened each call: else memmaps leak
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist()
     x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))   # (B, T)
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
     if device.type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------
-# config: TrainConfig and ModelConfig defaults < config files < --key=value (< the checkpoint, on resume)
+# config: TrainConfig and ModelConfig defaults < config files < --key=value
+# (< the checkpoint, on resume)
 
 cfg = TrainConfig()
 explicit = parse_config(cfg, sys.argv[1:], extra=ModelConfig, prog='train.py')
@@ -144,11 +154,13 @@ if cfg.init_from == 'resume':
     for k, v in ckpt['config'].items():
         if hasattr(cfg, k) and k not in explicit and k not in RUNTIME_KEYS:
             setattr(cfg, k, v)
-    ignored = [k for k in model_args if k not in RESUME_MODEL_OVERRIDES and model_args[k] != ckpt['model_args'].get(k)]
+    ignored = [k for k in model_args if k not in RESUME_MODEL_OVERRIDES
+               and model_args[k] != ckpt['model_args'].get(k)]
     if ignored and int(os.environ.get('RANK', 0)) == 0:
         print(f"note: resuming keeps the checkpoint's model; ignoring "
               f"{', '.join(f'--{k}={model_args[k]}' for k in ignored)}")
-    model_args = {**ckpt['model_args'], **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES if k in model_args}}
+    model_args = {**ckpt['model_args'],
+                  **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES if k in model_args}}
     cfg.validate()
 try:   # check the model's keys before any data work, and fill in the defaults
     model_args = dataclasses.asdict(ModelConfig(**model_args))
@@ -172,7 +184,8 @@ if ddp:
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
     if device.type == 'cpu':   # share the cores among the processes on this node
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', world))))
+        local_world = int(os.environ.get('LOCAL_WORLD_SIZE', world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 def log(msg):
@@ -184,7 +197,8 @@ def stop(msg):
     """Every rank sees the same (all-reduced) losses, so every rank stops here together."""
     if ddp:
         dist.destroy_process_group()
-    last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+    last = (f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path)
+            else "no checkpoint was written")
     raise SystemExit(f"train.py: {msg}; stopping ({last})" if master else 1)
 
 
@@ -199,16 +213,19 @@ if os.path.exists(os.path.join(data, 'meta.pkl')):
         meta = pickle.load(f)
     meta.setdefault('tokenizer', 'char' if 'itos' in meta else 'gpt2')
 if ckpt is None and 'vocab_size' not in explicit:
-    model_args['vocab_size'] = meta['vocab_size'] if meta['tokenizer'] == 'char' else 50304   # 50257 padded to 64
+    # GPT-2 BPE: 50257 padded to a multiple of 64
+    model_args['vocab_size'] = meta['vocab_size'] if meta['tokenizer'] == 'char' else 50304
 if model_args['vocab_size'] < meta['vocab_size']:
-    raise SystemExit(f"train.py: vocab_size={model_args['vocab_size']} is smaller than the dataset's "
+    raise SystemExit(f"train.py: vocab_size={model_args['vocab_size']} is smaller than the "
+                     "dataset's "
                      f"vocabulary ({meta['vocab_size']})")
 block_size = model_args['block_size']
 splits = {s: os.path.join(data, f'{s}.bin') for s in ('train', 'val')}
 for path in splits.values():
     if os.path.getsize(path) // 2 <= block_size:
         raise SystemExit(f"train.py: {path} holds {os.path.getsize(path) // 2} tokens, fewer than "
-                         f"block_size+1={block_size + 1}; use a smaller block_size or a longer text")
+                         f"block_size+1={block_size + 1}; use a smaller block_size or a longer "
+                         "text")
 
 # -----------------------------------------------------------------------------
 # model and optimizer: new, or the checkpoint's (weights, optimizer state, iteration, token count)
@@ -221,26 +238,32 @@ iter_num, best_val_loss, tokens_seen = 0, float('inf'), 0
 if ckpt is None:
     model = LM(ModelConfig(**model_args)).to(device)
 else:
-    model = model_from_checkpoint(ckpt, device, **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES})
-optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    model = model_from_checkpoint(ckpt, device,
+                                  **{k: model_args[k] for k in RESUME_MODEL_OVERRIDES})
+optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                       device.type)
 if ckpt is not None:
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError, RuntimeError) as e:
-        raise SystemExit(f"train.py: the checkpoint's optimizer state does not fit the model: {first_line(e)}")
+        raise SystemExit(f"train.py: the checkpoint's optimizer state does not fit the model: "
+                         f"{first_line(e)}")
     if 'scaler' in ckpt and scaler.is_enabled():
         scaler.load_state_dict(ckpt['scaler'])
     iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt.get('best_val_loss', float('inf')))
-    tokens_seen = train_tokens(ckpt)   # no RNG state to restore: every step reseeds from (seed, iter, rank)
+    # no RNG state to restore: every step reseeds from (seed, iter, rank)
+    tokens_seen = train_tokens(ckpt)
     ckpt = None   # free memory
 if model.config.scan_impl == 'triton' and not triton_runs_on(device):
-    raise SystemExit(f"train.py: scan_impl='triton' needs CUDA (or TRITON_INTERPRET=1, Triton's slow CPU "
-                     f"interpreter); on {device.type} use --scan_impl=auto or --scan_impl=chunked")
+    raise SystemExit(f"train.py: scan_impl='triton' needs CUDA (or TRITON_INTERPRET=1, Triton's "
+                     f"slow CPU interpreter); on {device.type} use --scan_impl=auto or "
+                     f"--scan_impl=chunked")
 raw_model = model
 if cfg.compile:
     log("compiling the model (the first iteration and the first evaluation wait for it)")
     model = torch.compile(model)
-train_model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if ddp else model
+train_model = (DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if ddp
+               else model)
 
 tokens_per_iter = cfg.gradient_accumulation_steps * world * cfg.batch_size * block_size
 flops_per_token = raw_model.flops_per_token(block_size)   # for MFU
@@ -256,19 +279,24 @@ if master:
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"train.py: cannot create out_dir {cfg.out_dir} ({e.strerror}); pick another --out_dir")
+        raise SystemExit(f"train.py: cannot create out_dir {cfg.out_dir} ({e.strerror}); "
+                         "pick another --out_dir")
     # A fresh run starts a fresh log. A resumed one keeps the records up to its checkpoint: steps
-    # logged after it (by a run stopped between checkpoints) are repeated now and would appear twice.
+    # logged after it (by a run stopped between checkpoints) are repeated now: else they would
+    # appear twice.
     kept = []
     if start_iter and os.path.exists(log_path):
         with open(log_path) as f:
-            records = [json.loads(line) for line in f if line.rstrip().endswith('}')]   # skip a cut-off last line
-        kept = [r for r in records if r['iter'] < start_iter or (r['iter'] == start_iter and 'val_loss' in r)]
+            # skip a cut-off last line
+            records = [json.loads(line) for line in f if line.rstrip().endswith('}')]
+        kept = [r for r in records
+                if r['iter'] < start_iter or (r['iter'] == start_iter and 'val_loss' in r)]
     with open(log_path, 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in kept)
 log(f"{'resuming at iter ' + str(start_iter) if start_iter else 'training from scratch'}: "
-    f"{model_args['mixer']} {model_args['n_layer']}x{model_args['n_embd']}, {raw_model.get_num_params() / 1e6:.2f}M "
-    f"params, {cfg.dataset} (vocab {model_args['vocab_size']}), device {device}, {dtype}, {world} process(es), "
+    f"{model_args['mixer']} {model_args['n_layer']}x{model_args['n_embd']}, "
+    f"{raw_model.get_num_params() / 1e6:.2f}M params, {cfg.dataset} "
+    f"(vocab {model_args['vocab_size']}), device {device}, {dtype}, {world} process(es), "
     f"{tokens_per_iter:,} tokens/iter, max_iters {cfg.max_iters}")
 
 
@@ -287,7 +315,8 @@ health_tokens = torch.cat([get_batch(splits['val'], block_size, cfg.batch_size,
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over the same eval_iters batches per split at every evaluation, spread over the ranks."""
+    """Mean loss over the same eval_iters batches per split at every evaluation, spread over
+    the ranks."""
     model.eval()
     out = {}
     for s, (split, path) in enumerate(splits.items()):
@@ -297,7 +326,8 @@ def estimate_loss():
             X, Y = get_batch(path, block_size, cfg.batch_size, gen, device)
             with ctx:
                 _, loss = model(X, Y)
-            total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
+            one = torch.ones((), device=device, dtype=torch.float64)
+            total += torch.stack([loss.double(), one])
         if ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -313,7 +343,8 @@ step_time, step_count = 0.0, 0
 last_val = None
 while True:
     # evaluate and checkpoint (not again at the iteration a resumed run starts from)
-    if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not (start_iter and iter_num == start_iter):
+    if ((iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters)
+            and not (start_iter and iter_num == start_iter)):
         losses = estimate_loss()
         last_val = losses['val']
         record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
@@ -329,8 +360,10 @@ while True:
         if losses['val'] < best_val_loss or cfg.always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and master:
-                ckpt = {'format': CKPT_FORMAT, 'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                        'model_args': dataclasses.asdict(raw_model.config), 'config': dataclasses.asdict(cfg),
+                ckpt = {'format': CKPT_FORMAT, 'model': raw_model.state_dict(),
+                        'optimizer': optimizer.state_dict(),
+                        'model_args': dataclasses.asdict(raw_model.config),
+                        'config': dataclasses.asdict(cfg),
                         'iter_num': iter_num, 'best_val_loss': best_val_loss, 'world_size': world,
                         'train_tokens': tokens_seen, 'meta': ckpt_meta}
                 if scaler.is_enabled():
@@ -351,7 +384,8 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(cfg.gradient_accumulation_steps):
         X, Y = get_batch(splits['train'], block_size, cfg.batch_size, gen, device)
-        sync = micro_step == cfg.gradient_accumulation_steps - 1   # DDP all-reduces the gradients only here
+        # DDP all-reduces the gradients only at the last micro-step
+        sync = micro_step == cfg.gradient_accumulation_steps - 1
         with (train_model.no_sync() if ddp and not sync else nullcontext()), ctx:
             _, loss = train_model(X, Y)
             loss = loss / cfg.gradient_accumulation_steps
@@ -361,7 +395,8 @@ while True:
         dist.all_reduce(loss_sum)
         loss_sum /= world
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                               cfg.grad_clip or float('inf'))
     loss_val, grad_norm = loss_sum.item(), grad_norm.item()
     if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
         stop(f"the loss is {loss_val} (gradient norm {grad_norm}) at iter {iter_num}, not finite")
@@ -378,7 +413,8 @@ while True:
         tps = tokens_per_iter * step_count / step_time
         record = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'grad_norm': grad_norm,
                   'ms_per_iter': round(ms, 3), 'tokens_per_s': round(tps, 1)}
-        line = f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.2e}, {ms:.1f} ms/iter, {tps:,.0f} tokens/s"
+        line = (f"iter {iter_num}: loss {loss_val:.4f}, lr {lr:.2e}, {ms:.1f} ms/iter, "
+                f"{tps:,.0f} tokens/s")
         if peak:   # model FLOPs utilization: achieved / peak, over all devices
             record['mfu'] = round(flops_per_token * tps / (peak * world), 5)
             line += f", mfu {100 * record['mfu']:.1f}%"
@@ -388,7 +424,8 @@ while True:
     iter_num += 1
 
 log(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; final val loss "
-    f"{last_val if last_val is None else f'{last_val:.4f}'}; best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}")
+    f"{last_val if last_val is None else f'{last_val:.4f}'}; best val loss {best_val_loss:.4f}; "
+    f"checkpoint {ckpt_path}")
 if ddp:
-    dist.barrier()              # no rank tears gloo down while another still talks to it (an abort at exit)
+    dist.barrier()   # no rank tears gloo down while another still talks to it (an abort at exit)
     dist.destroy_process_group()

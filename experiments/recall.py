@@ -183,7 +183,11 @@ def label(mc):
         return 'attention+conv' if mc.attn_conv else 'attention'
     s = f"{mc.mixer} N={mc.n_slots}" if mc.mixer == 'mamba2' else f"{mc.mixer} m={mc.n_slots}"
     if mc.mixer == 'fm_sparse':
-        s += f" k={mc.top_k} {mc.router_balance}"
+        s += f" k={mc.top_k}"
+        if mc.router_balance != ModelConfig.router_balance:          # the default goes unnamed
+            s += f" {'unbalanced' if mc.router_balance == 'none' else mc.router_balance}"
+    if mc.mixer in ('fm', 'fm_sparse') and mc.router_conv_bias:
+        s += " old init"
     if getattr(mc, 'update_rate', 'head') != 'head':
         s += f" Δ/{mc.update_rate}"
     return s

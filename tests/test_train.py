@@ -265,6 +265,28 @@ def test_resume_reproduces_uninterrupted_run(runs):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_router_health_is_logged_at_each_evaluation(runs):
+    evals = [r for r in read_log(runs['full']) if 'val_loss' in r]
+    for r in evals:
+        assert len(r['router']) == 2                              # one per layer
+        assert all({'effective', 'dead', 'm', 'max_share', 'top10_share'} <= set(s) for s in r['router'])
+        assert all(s['m'] == 64 and 1 <= s['effective'] <= 64 for s in r['router'])
+    assert 'slots eff ' in runs['resume_stdout'] and 'dead ' in runs['resume_stdout']
+
+
+def test_resume_keeps_the_selection_bias(runs):
+    """The default router_balance='bias': the bias moved while training, is in the checkpoint,
+    and the resumed run continued from it (it ends where the uninterrupted run ends)."""
+    assert ModelConfig().router_balance == 'bias'
+    full = torch.load(runs['full'] / 'ckpt.pt', weights_only=True)['model']
+    part = torch.load(runs['part'] / 'ckpt.pt', weights_only=True)['model']
+    at20 = runs['ckpt20']['model']
+    for layer in range(2):
+        key = f'blocks.{layer}.mixer.route_bias'
+        assert at20[key].abs().sum() > 0 and not torch.equal(at20[key], part[key])
+        torch.testing.assert_close(part[key], full[key])
+
+
 def test_resume_from_an_older_checkpoint_rewrites_the_log(runs, data_dir, tmp_path):
     """A run stopped after its last checkpoint logged steps that the resumed run repeats: each appears once."""
     (tmp_path / 'log.jsonl').write_text((runs['part'] / 'log.jsonl').read_text() + '{"iter": 30, "lo')   # cut off
