@@ -56,65 +56,97 @@ On CPU tensors the kernels run only under the Triton interpreter
 (TRITON_INTERPRET=1 set before triton is first imported).
 """
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-SUB = 16          # L, the sub-chunk: tl.dot needs every dimension >= 16
-STATE_TILE = 2048  # fp32 elements of the state W per program (BM x BP): 16 registers a thread at 4 warps;
-                   # 4096 made the backward sweeps spill on sm_80 (checked with cuobjdump -res-usage)
+SUB = 16           # L, the sub-chunk: tl.dot needs every dimension >= 16
+STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 registers a thread; a larger
+                   # tile takes 8 warps (one slot block of 64 x 64), a smaller per-thread share spilled
+                   # nothing either (tests/test_kernels_compile_gputarget.py, results/gpu/aot_resources.json)
 
 
 # -----------------------------------------------------------------------------
-# Chunked scan: stages 1, 2 (shared by forward and backward), 3, and 3's two backward sweeps.
-# Layouts: x, dy (B,Tp,H,P); G, beta, q (B,Tp,H,M) (Tp = T padded to whole chunks);
-# per-chunk states (B,H,n,M,P) fp32. Rows of (B,Tp,H) are indexed row0 + t*H.
+# Chunked scan: stage 1 (chunk state, forward and reverse), stage 2 (state pass, both
+# directions), stage 3 (chunk output) and its two backward sweeps (dx/dbeta, dq/dg).
+# Layouts: x, dy, y, dx (B,T,H,P); g (B,T,H,GM), GM = M or 1 (broadcast); beta, q, dbeta,
+# dq (B,T,H,M); per-chunk states (B,H,n,M,P) fp32; chunk totals Gc (B,H,n,GM) fp32. Row t
+# of (B,T,H) is row0 + t*H. Steps t >= T (the last chunk's tail) are masked loads (0) and
+# masked stores: nothing is padded. Inside sub-chunk a (steps t0..t0+L-1), Gl_t = sum of g
+# from t0 to t is the decay since the sub-chunk's start r (G_t - G_r) and Gl_end its total.
 # -----------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_state(u, G, k, states, Tp, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                 BP: tl.constexpr, C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
-                 REVERSE: tl.constexpr):
+def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
+                 BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
+                 PREC: tl.constexpr, REVERSE: tl.constexpr):
     """Stage 1, each chunk's own contribution to the state passed between chunks:
-        forward  (k=beta, u=x):  dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s    (seen at the chunk's end)
-        reverse  (k=q,  u=dy):   dD_c = sum_{s in c} (q_s * e^{G_s})^T dy_s            (seen at the chunk's start)
-    u (B,Tp,H,P); G, k (B,Tp,H,M); states (B,H,n,M,P) fp32 <- dS_c or dD_c. Grid (n, B*H, cdiv(M,BM))."""
+        forward  (k=beta, u=x):  dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s  (seen at the chunk's end)
+        reverse  (k=q,  u=dy):   dD_c = sum_{s in c} (q_s * e^{G_s})^T dy_s         (seen at its start)
+    accumulated sub-chunk by sub-chunk with the reference at the sub-chunk's end (forward) or
+    start (reverse), acc <- e^{Gl_end} * acc + ..., so every exponent is local and <= 0.
+    u (B,T,H,P); g (B,T,H,GM); k (B,T,H,M); states (B,H,n,M,P) fp32 <- dS_c or dD_c;
+    forward only: Gc (B,H,n,GM) fp32 <- G_C, the chunk's total decay. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), bh % H
     l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
     m_ok, p_ok = m < M, p < P
-    row0 = b * Tp * H + h
-    G_C = tl.load(G + (row0 + (c * C + C - 1) * H) * M + m, mask=m_ok, other=0.0)
+    if GM == 1:
+        gm = m * 0                                                   # broadcast g: its one column
+    else:
+        gm = m
+    row0 = b * T * H + h
     acc = tl.zeros([BM, BP], tl.float32)
-    for a in range(C // L):
-        row = row0 + (c * C + a * L + l) * H
-        G_a = tl.load(G + row[:, None] * M + m[None, :], mask=m_ok[None, :], other=0.0)
-        k_a = tl.load(k + row[:, None] * M + m[None, :], mask=m_ok[None, :], other=0.0).to(tl.float32)
-        u_a = tl.load(u + row[:, None] * P + p[None, :], mask=p_ok[None, :], other=0.0).to(tl.float32)
+    G_C = tl.zeros([BM], tl.float32)
+    for i in range(C // L):
         if REVERSE:
-            k_a = k_a * tl.exp(G_a)
+            a = C // L - 1 - i
         else:
-            k_a = k_a * tl.exp(G_C[None, :] - G_a)
-        acc += tl.dot(tl.trans(k_a), u_a, input_precision=PREC)
+            a = i
+        t = c * C + a * L + l
+        t_ok = t < T
+        row = row0 + t * H
+        mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
+        g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
+        k_a = tl.load(k + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
+        u_a = tl.load(u + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
+        Gl = tl.cumsum(g_a, 0)
+        Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
+        if REVERSE:
+            k_a = k_a * tl.exp(Gl)
+        else:
+            k_a = k_a * tl.exp(Gl_end[None, :] - Gl)
+        acc = tl.exp(Gl_end)[:, None] * acc + tl.dot(tl.trans(k_a), u_a, input_precision=PREC)
+        G_C += Gl_end
     tl.store(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :], acc,
              mask=m_ok[:, None] & p_ok[None, :])
+    if not REVERSE:
+        if GM == 1:
+            first = m == tl.where(mb == 0, 0, -1)                    # one value per (b, h, c)
+        else:
+            first = m_ok
+        tl.store(Gc + ((b * H + h) * n + c) * GM + gm, G_C, mask=first)
 
 
 @triton.jit
-def _state_pass(states, G, S0, S_last, Tp, H, n, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                BP: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr):
+def _state_pass(states, Gc, S0, S_last, H, n, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
+                BP: tl.constexpr, GM: tl.constexpr, REVERSE: tl.constexpr):
     """Stage 2, the recurrence across chunks, in place over `states`:
         forward:  S_in[c] = S;  S = e^{G_C[c]} * S + dS_c    for c = 0..n-1, from S = S0 (initial state)
         reverse:  E[c]    = D;  D = e^{G_C[c]} * D + dD_c    for c = n-1..0, from D = S0 (dS_final)
-    states (B,H,n,M,P) fp32: dS_c (dD_c) in, S_in[c] (E[c]) out; G (B,Tp,H,M);
+    After chunk c the reverse D is e^{g_t0} D_t0 (t0 = c's first step), what flows into the state
+    before c: it is stored as E[c-1], and as S_last = dS_initial after chunk 0.
+    states (B,H,n,M,P) fp32: dS_c (dD_c) in, S_in[c] (E[c]) out; Gc (B,H,n,GM) fp32;
     S0 in, S_last out (B,H,M,P) fp32: S_final, or dS_initial when REVERSE. Grid (B*H, cdiv(M,BM))."""
     bh, mb = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     m, p = mb * BM + tl.arange(0, BM), tl.arange(0, BP)
     m_ok = m < M
+    if GM == 1:
+        gm = m * 0
+    else:
+        gm = m
     ok = m_ok[:, None] & (p < P)[None, :]
-    row0 = b * Tp * H + h
     tile = m[:, None] * P + p[None, :]
     chunk0 = states + (b * H + h) * n * M * P + tile
     S = tl.load(S0 + (b * H + h) * M * P + tile, mask=ok, other=0.0)
@@ -125,160 +157,214 @@ def _state_pass(states, G, S0, S_last, Tp, H, n, M: tl.constexpr, P: tl.constexp
             c = i
         dS = tl.load(chunk0 + c * M * P, mask=ok, other=0.0)
         tl.store(chunk0 + c * M * P, S, mask=ok)
-        G_C = tl.load(G + (row0 + (c * C + C - 1) * H) * M + m, mask=m_ok, other=0.0)
+        G_C = tl.load(Gc + ((b * H + h) * n + c) * GM + gm, mask=m_ok, other=0.0)
         S = tl.exp(G_C)[:, None] * S + dS
     tl.store(S_last + (b * H + h) * M * P + tile, S, mask=ok)
 
 
 @triton.jit
-def _chunk_output_fwd(x, G, beta, q, states, y_part, Tp, H, M: tl.constexpr, P: tl.constexpr,
-                      BM: tl.constexpr, BP: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
-                      PREC: tl.constexpr):
-    """Stage 3, y for one chunk and one block of slots, sub-chunk by sub-chunk (a):
-        y_a = (q_a * e^{G_a - G_r}) W + A_a x_a,   A_a[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}, s <= t
-        W  <- e^{G_r' - G_r} * W + (beta_a * e^{G_r' - G_a})^T x_a,   W = S_in[c] and G_r = 0 at a = 0
-    x (B,Tp,H,P); G, beta, q (B,Tp,H,M); states (B,H,n,M,P) fp32 = S_in;
-    y_part (cdiv(M,BM),B,Tp,H,P) fp32 <- this slot block's share of y. Grid (n, B*H, cdiv(M,BM))."""
+def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.constexpr,
+                      BM: tl.constexpr, BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr,
+                      L: tl.constexpr, PREC: tl.constexpr):
+    """Stage 3, y for one chunk and one block of slots, sub-chunk by sub-chunk (a), W held at the
+    step r before a (W = S_in[c] at a = 0):
+        y_a = (q_a * e^{Gl_a}) W + A_a x_a,   A_a[t,s] = sum_i q_ti beta_si e^{Gl_ti - Gl_si}, s <= t
+        W  <- e^{Gl_end} * W + (beta_a * e^{Gl_end - Gl_a})^T x_a
+    x (B,T,H,P); g (B,T,H,GM); beta, q (B,T,H,M); states (B,H,n,M,P) fp32 = S_in;
+    y <- y_a: (B,T,H,P) in x's dtype with one slot block (M <= 64), else (cdiv(M,BM),B,T,H,P) fp32,
+    each block's share. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), bh % H
     l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
     m_ok, p_ok = m < M, p < P
-    mk, pk = m_ok[None, :], p_ok[None, :]                            # masks of (L, BM) and (L, BP) tiles
-    row0 = b * Tp * H + h
-    y_part += mb.to(tl.int64) * tl.num_programs(1) * Tp * P
+    if GM == 1:
+        gm = m * 0
+    else:
+        gm = m
+    row0 = b * T * H + h
+    y += mb.to(tl.int64) * tl.num_programs(1) * T * P
     W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :],
-                mask=m_ok[:, None] & pk, other=0.0)
-    G_r = tl.zeros([BM], tl.float32)
+                mask=m_ok[:, None] & p_ok[None, :], other=0.0)
     for a in range(C // L):
         t0 = c * C + a * L
+        t_ok = t0 + l < T
         row = row0 + (t0 + l) * H
-        G_a = tl.load(G + row[:, None] * M + m[None, :], mask=mk, other=0.0)
+        mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
+        g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
         beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
         q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
         x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        G_end = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m, mask=m_ok, other=0.0)
-        y_a = tl.dot(q_a * tl.exp(G_a - G_r[None, :]), W, input_precision=PREC)
-        # diagonal block, pairwise, one column s = t0 + j of A_a at a time (no L x L x BM tile)
-        for j in range(L):
+        Gl = tl.cumsum(g_a, 0)
+        Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
+        y_a = tl.dot(q_a * tl.exp(Gl), W, input_precision=PREC)
+        # diagonal block, pairwise, one column s = t0 + j of A_a at a time, from the last (no
+        # L x L x BM tile): decay[t] = e^{Gl_t - Gl_s} (t >= s, else 0) is the next column's
+        # times e^{g_{s+1}} <= 1, and 1 at t = s, so it only shrinks (underflow to 0 is harmless)
+        decay = tl.zeros([L, BM], tl.float32)
+        a_next = tl.zeros([BM], tl.float32)                          # e^{g_{s+1}}
+        for jj in range(L):
+            j = L - 1 - jj
             row_s = row0 + (t0 + j) * H
-            beta_s = tl.load(beta + row_s * M + m, mask=m_ok, other=0.0).to(tl.float32)
-            G_s = tl.load(G + row_s * M + m, mask=m_ok, other=0.0)
-            x_s = tl.load(x + row_s * P + p, mask=p_ok, other=0.0).to(tl.float32)
-            # mask before exp: for t < s the exponent is positive and could overflow
-            decay = tl.exp(tl.where(l[:, None] >= j, G_a - G_s[None, :], float('-inf')))
+            m_s, p_s = tl.where(t0 + j < T, M, 0), tl.where(t0 + j < T, P, 0)   # nothing at s >= T
+            beta_s = tl.load(beta + row_s * M + m, mask=m < m_s, other=0.0).to(tl.float32)
+            x_s = tl.load(x + row_s * P + p, mask=p < p_s, other=0.0).to(tl.float32)
+            decay = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :])
+            a_next = tl.exp(tl.load(g + row_s * GM + gm, mask=m < m_s, other=0.0).to(tl.float32))
             A_s = tl.sum(q_a * beta_s[None, :] * decay, 1)               # A_a[:, s]
             y_a += A_s[:, None] * x_s[None, :]
-        tl.store(y_part + row[:, None] * P + p[None, :], y_a, mask=pk)
-        W = tl.exp(G_end - G_r)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(G_end[None, :] - G_a)), x_a,
-                                                       input_precision=PREC)
-        G_r = G_end
+        tl.store(y + row[:, None] * P + p[None, :], y_a.to(y.dtype.element_ty), mask=pk)
+        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)), x_a,
+                                                  input_precision=PREC)
 
 
 @triton.jit
-def _chunk_dx_dbeta_bwd(x, G, beta, q, dy, states, dx_part, dbeta, Tp, H, M: tl.constexpr,
-                        P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, C: tl.constexpr,
-                        L: tl.constexpr, PREC: tl.constexpr):
+def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.constexpr,
+                        P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, GM: tl.constexpr,
+                        C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
     """Backward, reverse sweep: dx_s = D_s^T beta_s and dbeta_s = D_s x_s, sub-chunk by sub-chunk
-    from the last, with the adjoint W held at r = the last step of sub-chunk a:
-        D_s = e^{G_r - G_s} * W + sum_{t>=s in a} e^{G_t - G_s} * q_t dy_t^T
-        W  <- e^{G_r - G_r'} * W + (q_a * e^{G_a - G_r'})^T dy_a,   r' = last step before a (G_r' = 0 at a = 0)
-    starting from W = E[c]. x, dy (B,Tp,H,P); G, beta, q (B,Tp,H,M); states (B,H,n,M,P) fp32 = E;
-    dx_part (cdiv(M,BM),B,Tp,H,P) fp32 (this slot block's share); dbeta (B,Tp,H,M) fp32. Grid (n, B*H, cdiv(M,BM))."""
+    from the last, with the adjoint W held at the last step of sub-chunk a (W = E[c] at first):
+        D_s = e^{Gl_end - Gl_s} * W + sum_{t>=s in a} e^{Gl_t - Gl_s} * q_t dy_t^T
+        W  <- e^{Gl_end} * W + (q_a * e^{Gl_a})^T dy_a                 (now at the step before a)
+    x, dy (B,T,H,P); g (B,T,H,GM); beta, q (B,T,H,M); states (B,H,n,M,P) fp32 = E;
+    dx <- (B,T,H,P) in x's dtype with one slot block, else (cdiv(M,BM),B,T,H,P) fp32 shares;
+    dbeta <- (B,T,H,M) fp32. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), bh % H
     l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
     m_ok, p_ok = m < M, p < P
-    mk, pk = m_ok[None, :], p_ok[None, :]                            # masks of (L, BM) and (L, BP) tiles
-    row0 = b * Tp * H + h
-    dx_part += mb.to(tl.int64) * tl.num_programs(1) * Tp * P
+    if GM == 1:
+        gm = m * 0
+    else:
+        gm = m
+    row0 = b * T * H + h
+    dx += mb.to(tl.int64) * tl.num_programs(1) * T * P
     W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :],
-                mask=m_ok[:, None] & pk, other=0.0)
+                mask=m_ok[:, None] & p_ok[None, :], other=0.0)
     for i in range(C // L):
-        a = C // L - 1 - i
-        t0 = c * C + a * L
+        t0 = c * C + (C // L - 1 - i) * L
+        t_ok = t0 + l < T
         row = row0 + (t0 + l) * H
-        G_a = tl.load(G + row[:, None] * M + m[None, :], mask=mk, other=0.0)
+        mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
+        g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
         beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
         q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
         x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
         dy_a = tl.load(dy + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        G_r = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m, mask=m_ok, other=0.0)
-        # the step before sub-chunk a is in this chunk only if a > 0 (G restarts at each chunk)
-        G_prev = tl.load(G + (row0 + tl.maximum(t0 - 1, c * C) * H) * M + m, mask=m_ok, other=0.0)
-        G_prev = tl.where(a > 0, G_prev, 0.0)
-        decay_r = tl.exp(G_r[None, :] - G_a)
+        Gl = tl.cumsum(g_a, 0)
+        Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
+        decay_r = tl.exp(Gl_end[None, :] - Gl)
         dx_a = tl.dot(beta_a * decay_r, W, input_precision=PREC)
         dbeta_a = decay_r * tl.dot(x_a, tl.trans(W), input_precision=PREC)
         # diagonal block, pairwise, one later step t = t0 + j at a time:
-        #   dx_s += A_a[t, s] dy_t,   dbeta_si += (dy_t . x_s) q_ti e^{G_ti - G_si}   (s <= t)
+        #   dx_s += A_a[t, s] dy_t,   dbeta_si += (dy_t . x_s) q_ti e^{Gl_ti - Gl_si}   (s <= t)
+        # decay[s] = e^{Gl_t - Gl_s} (s <= t, else 0): the last step's times e^{g_t} <= 1, 1 at s = t
+        decay = tl.zeros([L, BM], tl.float32)
         for j in range(L):
             row_t = row0 + (t0 + j) * H
-            q_t = tl.load(q + row_t * M + m, mask=m_ok, other=0.0).to(tl.float32)
-            G_t = tl.load(G + row_t * M + m, mask=m_ok, other=0.0)
-            dy_t = tl.load(dy + row_t * P + p, mask=p_ok, other=0.0).to(tl.float32)
-            decay = tl.exp(tl.where(l[:, None] <= j, G_t[None, :] - G_a, float('-inf')))
+            m_t, p_t = tl.where(t0 + j < T, M, 0), tl.where(t0 + j < T, P, 0)   # nothing at t >= T
+            q_t = tl.load(q + row_t * M + m, mask=m < m_t, other=0.0).to(tl.float32)
+            dy_t = tl.load(dy + row_t * P + p, mask=p < p_t, other=0.0).to(tl.float32)
+            a_t = tl.exp(tl.load(g + row_t * GM + gm, mask=m < m_t, other=0.0).to(tl.float32))
+            decay = tl.where(l[:, None] == j, 1.0, decay * a_t[None, :])
             A_t = tl.sum(beta_a * q_t[None, :] * decay, 1)               # A_a[t, :]
             dx_a += A_t[:, None] * dy_t[None, :]
             x_dy = tl.sum(x_a * dy_t[None, :], 1)                         # x_s . dy_t
             dbeta_a += x_dy[:, None] * q_t[None, :] * decay
-        tl.store(dx_part + row[:, None] * P + p[None, :], dx_a, mask=pk)
+        tl.store(dx + row[:, None] * P + p[None, :], dx_a.to(dx.dtype.element_ty), mask=pk)
         tl.store(dbeta + row[:, None] * M + m[None, :], dbeta_a, mask=mk)
-        W = tl.exp(G_r - G_prev)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(G_a - G_prev[None, :])), dy_a,
-                                                        input_precision=PREC)
+        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a, input_precision=PREC)
 
 
 @triton.jit
-def _chunk_dq_bwd(x, G, beta, dy, states, dq, Tp, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                  BP: tl.constexpr, C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
-    """Backward, forward sweep: dq_t = S_t dy_t, reading the states as stage 3 does:
-        dq_a = e^{G_a - G_r} * (dy_a W^T) + sum_{s<=t in a} e^{G_t - G_s} * beta_s (dy_t . x_s)
-        W   <- e^{G_r' - G_r} * W + (beta_a * e^{G_r' - G_a})^T x_a,   W = S_in[c] and G_r = 0 at a = 0
-    x, dy (B,Tp,H,P); G, beta (B,Tp,H,M); states (B,H,n,M,P) fp32 = S_in; dq (B,Tp,H,M) fp32.
+def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: tl.constexpr,
+                     P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, GM: tl.constexpr,
+                     C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
+    """Backward, forward sweep: dq_t = S_t dy_t, reading the states as stage 3 does, and the
+    decay gradient dg_t = sum_{t' >= t} dG_t', dG = q*dq - beta*dbeta:
+        dq_a = e^{Gl_a} * (dy_a W^T) + sum_{s<=t in a} e^{Gl_t - Gl_s} * beta_s (dy_t . x_s)
+        W   <- e^{Gl_end} * W + (beta_a * e^{Gl_end - Gl_a})^T x_a,        W = S_in[c] at a = 0
+        dg_t = K[c] - sum_{t0c <= t' < t} dG_t',   K[c] = sum_p S_in[c] * E[c-1]  (dS_initial at c = 0)
+    K[c] is dg at the chunk's first step t0c, exactly: dg_t = sum_p (e^{g_t} S_{t-1}) * D_t and
+    E[c-1] = e^{g_t0c} D_t0c (the reverse state pass). So every later step's gradient, the final
+    state's included, is carried into the chunk by the state pass: no reverse cumsum over T.
+    x, dy (B,T,H,P); g (B,T,H,GM); beta, q, dbeta (fp32) (B,T,H,M); states = S_in, E (B,H,n,M,P)
+    fp32; dS0 (B,H,M,P) fp32; dq <- (B,T,H,M) in q's dtype; dg <- (B,T,H,M) in g's dtype, or for
+    GM = 1 summed over slots: (B,T,H,1) with one slot block, else (cdiv(M,BM),B,T,H,1) fp32 shares.
     Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), bh % H
     l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
     m_ok, p_ok = m < M, p < P
-    mk, pk = m_ok[None, :], p_ok[None, :]                            # masks of (L, BM) and (L, BP) tiles
-    row0 = b * Tp * H + h
-    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :],
-                mask=m_ok[:, None] & pk, other=0.0)
-    G_r = tl.zeros([BM], tl.float32)
+    if GM == 1:
+        gm = m * 0
+    else:
+        gm = m
+    row0 = b * T * H + h
+    ok = m_ok[:, None] & p_ok[None, :]
+    tile = m[:, None] * P + p[None, :]
+    W = tl.load(states + ((b * H + h) * n + c) * M * P + tile, mask=ok, other=0.0)
+    later = (m[:, None] < tl.where(c > 0, M, 0)) & p_ok[None, :]     # E[c-1], or dS_initial at c = 0
+    first = (m[:, None] < tl.where(c == 0, M, 0)) & p_ok[None, :]
+    E_prev = (tl.load(E + ((b * H + h) * n + c - 1) * M * P + tile, mask=later, other=0.0)
+              + tl.load(dS0 + (b * H + h) * M * P + tile, mask=first, other=0.0))
+    K = tl.sum(W * E_prev, 1)                                        # dg at the chunk's first step
+    if GM == 1:
+        dg += mb.to(tl.int64) * tl.num_programs(1) * T
     for a in range(C // L):
         t0 = c * C + a * L
+        t_ok = t0 + l < T
         row = row0 + (t0 + l) * H
-        G_a = tl.load(G + row[:, None] * M + m[None, :], mask=mk, other=0.0)
+        mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
+        g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
         beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
         x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
         dy_a = tl.load(dy + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        G_end = tl.load(G + (row0 + (t0 + L - 1) * H) * M + m, mask=m_ok, other=0.0)
-        dq_a = tl.exp(G_a - G_r[None, :]) * tl.dot(dy_a, tl.trans(W), input_precision=PREC)
+        Gl = tl.cumsum(g_a, 0)
+        Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
+        dq_a = tl.exp(Gl) * tl.dot(dy_a, tl.trans(W), input_precision=PREC)
         # diagonal block, pairwise, one earlier step s = t0 + j at a time:
-        #   dq_ti += (dy_t . x_s) beta_si e^{G_ti - G_si}   (s <= t)
-        for j in range(L):
+        #   dq_ti += (dy_t . x_s) beta_si e^{Gl_ti - Gl_si}   (s <= t);
+        # from the last s, decay[t] = e^{Gl_t - Gl_s} (t >= s) shrinking as in stage 3
+        decay = tl.zeros([L, BM], tl.float32)
+        a_next = tl.zeros([BM], tl.float32)
+        for jj in range(L):
+            j = L - 1 - jj
             row_s = row0 + (t0 + j) * H
-            beta_s = tl.load(beta + row_s * M + m, mask=m_ok, other=0.0).to(tl.float32)
-            G_s = tl.load(G + row_s * M + m, mask=m_ok, other=0.0)
-            x_s = tl.load(x + row_s * P + p, mask=p_ok, other=0.0).to(tl.float32)
-            decay = tl.exp(tl.where(l[:, None] >= j, G_a - G_s[None, :], float('-inf')))
+            m_s, p_s = tl.where(t0 + j < T, M, 0), tl.where(t0 + j < T, P, 0)   # nothing at s >= T
+            beta_s = tl.load(beta + row_s * M + m, mask=m < m_s, other=0.0).to(tl.float32)
+            x_s = tl.load(x + row_s * P + p, mask=p < p_s, other=0.0).to(tl.float32)
+            decay = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :])
+            a_next = tl.exp(tl.load(g + row_s * GM + gm, mask=m < m_s, other=0.0).to(tl.float32))
             dy_x = tl.sum(dy_a * x_s[None, :], 1)                         # dy_t . x_s
             dq_a += dy_x[:, None] * beta_s[None, :] * decay
-        tl.store(dq + row[:, None] * M + m[None, :], dq_a, mask=mk)
-        W = tl.exp(G_end - G_r)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(G_end[None, :] - G_a)), x_a,
-                                                       input_precision=PREC)
-        G_r = G_end
+        tl.store(dq + row[:, None] * M + m[None, :], dq_a.to(dq.dtype.element_ty), mask=mk)
+        # the decay gradient: dG in registers, its chunk-local exclusive prefix sum taken from K
+        q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
+        dbeta_a = tl.load(dbeta + row[:, None] * M + m[None, :], mask=mk, other=0.0)
+        dG = q_a * dq_a - beta_a * dbeta_a
+        dg_a = K[None, :] - (tl.cumsum(dG, 0) - dG)
+        K -= tl.sum(dG, 0)
+        if GM == 1:
+            tl.store(dg + row, tl.sum(dg_a, 1).to(dg.dtype.element_ty), mask=t_ok)
+        else:
+            tl.store(dg + row[:, None] * M + m[None, :], dg_a.to(dg.dtype.element_ty), mask=mk)
+        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)), x_a,
+                                                  input_precision=PREC)
 
 
-def chunk_meta(M, P, chunk_size, dtype):
-    """The compile-time constants the chunk kernels are launched with (the compile test uses them too).
+def chunk_meta(M, P, chunk_size, dtype, arch=90):
+    """The compile-time constants and warps the chunk kernels are launched with.
 
     Any M, P >= 1: tiles are powers of 2 >= 16 (tl.arange and tl.dot need them), BM slots by BP
     columns, and the kernels mask what lies past M or P. A masked slot loads g = beta = q = 0 (no
     decay, no write, no read) and a masked column x = dy = 0, so the padding adds nothing to any
-    result and nothing past M or P is stored."""
+    result and nothing past M or P is stored. On sm_90 (arch >= 90) the state is one slot block up
+    to 2 * STATE_TILE elements (M <= 64 at P <= 64), at 8 warps when over STATE_TILE, so y, dx and
+    a broadcast dg are written once, in their dtypes. Otherwise, and on sm_80 (where that 8-warp
+    block spills: ptxas, sm_80's mma layouts), blocks of STATE_TILE // BP slots write fp32 shares."""
     if not (isinstance(chunk_size, int) and chunk_size >= SUB and chunk_size % SUB == 0):
         raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of {SUB}")
     if M < 1 or P < 1:
@@ -286,8 +372,19 @@ def chunk_meta(M, P, chunk_size, dtype):
     # fp32 inputs: 3 tf32 passes give fp32 accuracy on tensor cores; bf16 inputs need no more than tf32
     prec = 'tf32x3' if dtype == torch.float32 else 'tf32'
     BP = max(16, triton.next_power_of_2(P))
-    BM = min(max(16, triton.next_power_of_2(M)), max(16, STATE_TILE // BP))
-    return dict(M=M, P=P, BM=BM, BP=BP, C=chunk_size, L=SUB, PREC=prec)
+    BM = max(16, triton.next_power_of_2(M))
+    if BM * BP > (2 if arch >= 90 else 1) * STATE_TILE:
+        BM = max(16, STATE_TILE // BP)
+    warps = 8 if BM * BP > STATE_TILE else 4
+    return dict(M=M, P=P, BM=BM, BP=BP, C=chunk_size, L=SUB, PREC=prec, num_warps=warps)
+
+
+def _arch(t):
+    """The compute capability the launch is for, as 80 or 90 (the interpreter: 90's tiles)."""
+    if not t.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -304,59 +401,60 @@ def _require_runnable(t):
 
 
 class _ScanTriton(torch.autograd.Function):
+    """The glue: allocations and launches only. Inputs are read where they are (contiguous()
+    copies only what is not), g is read as given ((B,T,H,M) or broadcast (B,T,H,1)), the last
+    chunk's tail is masked in the kernels, and the decay gradient comes out of the last kernel."""
 
     @staticmethod
     def forward(ctx, x, g, beta, q, initial_state, chunk_size):
         B, T, H, P = x.shape
-        M = beta.shape[-1]
-        meta = chunk_meta(M, P, chunk_size, x.dtype)
+        M, GM = beta.shape[-1], g.shape[-1]
+        meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM)
         C, BM = chunk_size, meta['BM']
-        n = -(-T // C)
-        Tp = n * C
-        # A padded step has g=0 (no decay), beta=0 (no write), q=0 (no read), so S_final is the state after T.
-        pad = lambda t: F.pad(t, (0, 0, 0, 0, 0, Tp - T)).contiguous()
-        x_, beta_, q_ = pad(x), pad(beta), pad(q)
-        G = pad(g.float()).view(B, n, C, H, -1).cumsum(2).view(B, Tp, H, -1).expand(B, Tp, H, M).contiguous()
+        n, nb = triton.cdiv(T, C), triton.cdiv(M, BM)              # chunks; slot blocks, the last maybe partial
+        x, g, beta, q = (t.contiguous() for t in (x, g, beta, q))
         f32 = dict(device=x.device, dtype=torch.float32)
         S0 = torch.zeros(B, H, M, P, **f32) if initial_state is None else initial_state.float().contiguous()
         states, S_final = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
-        nb = triton.cdiv(M, BM)                                    # slot blocks, the last maybe partial
-        y_part = torch.empty(nb, B, Tp, H, P, **f32)
+        Gc = torch.empty(B, H, n, GM, **f32)
+        y = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
+             torch.empty(nb, B, T, H, P, **f32))
         grid = (n, B * H, nb)
-        _launch(_chunk_state, grid, x_, G, beta_, states, Tp, H, REVERSE=False, **meta)
-        _launch(_state_pass, (B * H, nb), states, G, S0, S_final, Tp, H, n, REVERSE=False, **meta)
-        _launch(_chunk_output_fwd, grid, x_, G, beta_, q_, states, y_part, Tp, H, **meta)
-        ctx.save_for_backward(x_, G, beta_, q_, states, S_final)
-        ctx.info = (T, meta, g.shape[-1], g.dtype, beta.dtype, q.dtype, initial_state is not None)
-        return y_part.sum(0)[:, :T].to(x.dtype), S_final
+        _launch(_chunk_state, grid, x, g, beta, states, Gc, T, H, REVERSE=False, **meta)
+        _launch(_state_pass, (B * H, nb), states, Gc, S0, S_final, H, n, REVERSE=False, **meta)
+        _launch(_chunk_output_fwd, grid, x, g, beta, q, states, y, T, H, **meta)
+        ctx.save_for_backward(x, g, beta, q, states, Gc)
+        ctx.info = (meta, initial_state is not None)
+        return (y if nb == 1 else y.sum(0).to(x.dtype)), S_final
 
     @staticmethod
     def backward(ctx, dy, dS_final):
-        x_, G, beta_, q_, S_in, S_final = ctx.saved_tensors
-        T, meta, g_slots, g_dtype, beta_dtype, q_dtype, has_initial = ctx.info
-        B, Tp, H, P = x_.shape
-        M, BM, C = meta['M'], meta['BM'], meta['C']
-        n = Tp // C
-        dy_ = F.pad(dy, (0, 0, 0, 0, 0, Tp - T)).contiguous()
+        x, g, beta, q, S_in, Gc = ctx.saved_tensors
+        meta, has_initial = ctx.info
+        B, T, H, P = x.shape
+        M, BM, C, GM = meta['M'], meta['BM'], meta['C'], meta['GM']
+        n, nb = S_in.shape[2], triton.cdiv(M, BM)
+        dy = dy.contiguous()
         dS_final = dS_final.float().contiguous()
-        f32 = dict(device=x_.device, dtype=torch.float32)
+        f32 = dict(device=x.device, dtype=torch.float32)
         E, dS0 = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
-        nb = triton.cdiv(M, BM)
-        dx_part = torch.empty(nb, B, Tp, H, P, **f32)
-        dbeta, dq = torch.empty(B, Tp, H, M, **f32), torch.empty(B, Tp, H, M, **f32)
+        dx = torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else torch.empty(nb, B, T, H, P, **f32)
+        dbeta = torch.empty(B, T, H, M, **f32)
+        dq = torch.empty(B, T, H, M, device=x.device, dtype=q.dtype)
+        if GM > 1 or nb == 1:
+            dg = torch.empty(B, T, H, GM, device=x.device, dtype=g.dtype)
+        else:
+            dg = torch.empty(nb, B, T, H, 1, **f32)
         grid = (n, B * H, nb)
-        _launch(_chunk_state, grid, dy_, G, q_, E, Tp, H, REVERSE=True, **meta)
-        _launch(_state_pass, (B * H, nb), E, G, dS_final, dS0, Tp, H, n, REVERSE=True, **meta)
-        _launch(_chunk_dx_dbeta_bwd, grid, x_, G, beta_, q_, dy_, E, dx_part, dbeta, Tp, H, **meta)
-        _launch(_chunk_dq_bwd, grid, x_, G, beta_, dy_, S_in, dq, Tp, H, **meta)
-        # dL/dG_t per slot: q*dq - beta*dbeta (README, 'The backward'); S_final depends on the last step's G as well
-        dG = q_.float() * dq - beta_.float() * dbeta
-        dG[:, T - 1] += (S_final * dS_final).sum(-1)
-        dg = dG.flip(1).cumsum(1).flip(1)[:, :T]
-        if g_slots == 1:
-            dg = dg.sum(-1, keepdim=True)
-        return (dx_part.sum(0)[:, :T].to(x_.dtype), dg.to(g_dtype), dbeta[:, :T].to(beta_dtype),
-                dq[:, :T].to(q_dtype), dS0 if has_initial else None, None)
+        _launch(_chunk_state, grid, dy, g, q, E, Gc, T, H, REVERSE=True, **meta)
+        _launch(_state_pass, (B * H, nb), E, Gc, dS_final, dS0, H, n, REVERSE=True, **meta)
+        _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, dy, E, dx, dbeta, T, H, **meta)
+        _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, dy, S_in, E, dS0, dbeta, dq, dg, T, H, **meta)
+        if nb > 1:
+            dx = dx.sum(0).to(x.dtype)
+            if GM == 1:
+                dg = dg.sum(0).to(g.dtype)
+        return dx, dg, dbeta.to(beta.dtype), dq, dS0 if has_initial else None, None
 
 
 @torch.compiler.disable(reason='Triton scan: launches and autograd.Function run eagerly')
@@ -468,4 +566,4 @@ def scan_step_sparse_triton(state, x, g, beta, q, idx):
 
 # each kernel's parameter names, read here once rather than at every launch (kernel.arg_names)
 _ARG_NAMES = {k: frozenset(k.arg_names) for k in (_chunk_state, _state_pass, _chunk_output_fwd,
-                                                   _chunk_dx_dbeta_bwd, _chunk_dq_bwd, _step_dense, _step_sparse)}
+                                                   _chunk_dx_dbeta_bwd, _chunk_dq_dg_bwd, _step_dense, _step_sparse)}

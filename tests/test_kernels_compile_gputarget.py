@@ -59,14 +59,16 @@ SCENARIOS = {
 CASES = [(name, t) for name, spec in SCENARIOS.items() for t in spec[-1]]
 
 
-def record_launches(scenario, monkeypatch):
-    """Run the glue of scan_triton (forward + backward) and both decode steps on CPU tensors;
-    return every launch it makes, as (kernel, args, kwargs), without running any."""
+def record_launches(scenario, monkeypatch, target=SM90):
+    """Run the glue of scan_triton (forward + backward) and both decode steps on CPU tensors, as
+    for a GPU of `target`'s arch; return every launch it makes, as (kernel, args, kwargs), without
+    running any."""
     B, T, H, M, P, K, dtype, gate_dtype, broadcast, _ = SCENARIOS[scenario]
     launches = []
     monkeypatch.setattr(kernels, '_launch', lambda kernel, grid, *args, **meta: launches.append(
         (kernel, args, {k: v for k, v in meta.items() if k in kernel.arg_names or k == 'num_warps'})))
     monkeypatch.setattr(kernels, '_require_runnable', lambda t: None)
+    monkeypatch.setattr(kernels, '_arch', lambda t: target.arch)
     leaf = lambda *shape, dt=gate_dtype: torch.randn(*shape).to(dt).requires_grad_()
     x = leaf(B, T, H, P, dt=dtype)
     g, beta, q = leaf(B, T, H, 1 if broadcast else M), leaf(B, T, H, M), leaf(B, T, H, M)
@@ -132,7 +134,7 @@ def write_table():
 
 @pytest.mark.parametrize('scenario,target', CASES, ids=lambda v: f"sm{v.arch}" if hasattr(v, 'arch') else v)
 def test_launches_compile_without_spills(scenario, target, monkeypatch):
-    launches = record_launches(scenario, monkeypatch)
+    launches = record_launches(scenario, monkeypatch, target)
     rows, seen = [], set()
     for kernel, args, kwargs in launches:
         compiled, signature, divisible = compile_launch(kernel, args, kwargs, target)
