@@ -76,7 +76,9 @@ class ScanBench:
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     impls: str = ''                      # only these: comma-separated names, or the groups 'ours', 'peers',
                                          # 'triton' (both Triton rows); all if empty
-    bytes: bool = False                  # also count the HBM bytes of one Triton fwd+bwd (kernels.hbm_bytes)
+    bytes: bool = False                  # instead of timing: count the HBM bytes one Triton fwd+bwd allocates and
+                                         # moves (hbm_bytes; no GPU needed, no kernel runs)
+    bytes_before: str = ''               # with --bytes: also kernels.py as of this git revision, side by side
     json: str = ''                       # write the rows here (a list of objects), rewritten after each row
 
 
@@ -176,7 +178,133 @@ class Rows(list):
         write_json(self.path, self)
 
 
+def load_kernels_at(rev):
+    """kernels.py as of git revision rev, imported as its own module (for --bytes_before)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    src = subprocess.run(['git', '-C', REPO_DIR, 'show', f'{rev}:kernels.py'], capture_output=True, text=True)
+    if src.returncode:
+        sys.exit(f"bench.py scan: --bytes_before={rev}: {src.stderr.strip()}")
+    path = os.path.join(tempfile.mkdtemp(), f'kernels_{rev}.py')
+    with open(path, 'w') as f:
+        f.write(src.stdout)
+    spec = importlib.util.spec_from_file_location(f'kernels_{rev}', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64, arch=90):
+    """The HBM bytes one fwd+bwd of kmod's scan_triton moves and allocates, counted without a GPU:
+    the autograd.Function's forward and backward run on CPU tensors with the launches recorded,
+    not run. Glue: every PyTorch op they call (TorchDispatchMode), bytes read (inputs, a broadcast
+    view counted at its storage's size) + written (outputs), views free; allocated = new outputs.
+    Kernels: each launch reads or writes each tensor argument once (the in-place states of the
+    state pass twice), and a tensor without a slot axis (x, dy, y, dx) once per slot block; the
+    diagonal blocks' re-reads of rows just loaded are taken as cache hits. A model, not a
+    measurement: what a profiler would count on a GPU differs by caching and by partial lines."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    launches = []
+    old_launch, old_req, old_arch = kmod._launch, kmod._require_runnable, getattr(kmod, '_arch', None)
+    kmod._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
+    kmod._require_runnable = lambda t: None
+    if old_arch is not None:
+        kmod._arch = lambda t: arch
+    nbytes = lambda t: t.numel() * t.element_size()
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rw, self.alloc, self.ops = 0, 0, {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._opname in ('empty', 'empty_like', 'empty_strided', 'detach', 'alias') or func.is_view:
+                new = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                if func._opname.startswith('empty'):
+                    self.alloc += sum(nbytes(t) for t in new)
+                return out
+            ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            ptrs = {t.untyped_storage().data_ptr() for t in ins}
+            read = sum(min(nbytes(t), t.untyped_storage().nbytes()) for t in ins)
+            written = sum(nbytes(t) for t in outs)
+            self.alloc += sum(nbytes(t) for t in outs if t.untyped_storage().data_ptr() not in ptrs)
+            self.rw += read + written
+            self.ops[func._opname] = self.ops.get(func._opname, 0) + read + written
+            return out
+
+    class Ctx:
+        def save_for_backward(self, *t):
+            self.saved_tensors = t
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, H, P, generator=gen).to(x_dtype)
+    g = -torch.rand(B, T, H, 1 if broadcast else M, generator=gen).to(gate_dtype)
+    beta, q = (torch.rand(B, T, H, M, generator=gen).to(gate_dtype) for _ in range(2))
+    S0 = torch.randn(B, H, M, P, generator=gen)
+    dy, dS = torch.randn(B, T, H, P, generator=gen).to(x_dtype), torch.randn(B, H, M, P, generator=gen)
+    count, ctx = Count(), Ctx()
+    try:
+        with count:
+            kmod._ScanTriton.forward(ctx, x, g, beta, q, S0, chunk_size)
+            n_fwd = len(launches)
+            kmod._ScanTriton.backward(ctx, dy, dS)
+    finally:
+        kmod._launch, kmod._require_runnable = old_launch, old_req
+        if old_arch is not None:
+            kmod._arch = old_arch
+    per_kernel = {}
+    for i, (kernel, grid, args, meta) in enumerate(launches):
+        names = kernel.arg_names
+        nb = grid[2] if len(grid) == 3 else 1
+        moved = 0
+        for name, a in zip(names, args):
+            if isinstance(a, torch.Tensor):
+                times = 2 if (kernel.__name__ == '_state_pass' and name == 'states') else 1
+                if kernel.__name__ == '_state_pass' and name == 'G':     # (before) reads chunk ends only
+                    times = 1 / meta['C']
+                moved += int(times * nbytes(a)) * (nb if name in ('x', 'u', 'dy', 'y', 'dx') else 1)
+        key = f"{'fwd' if i < n_fwd else 'bwd'} {kernel.__name__}{' reverse' if meta.get('REVERSE') else ''}"
+        per_kernel[key] = per_kernel.get(key, 0) + moved
+    kernel_bytes = sum(per_kernel.values())
+    return dict(glue_moved_bytes=count.rw, glue_allocated_bytes=count.alloc, kernel_moved_bytes=kernel_bytes,
+                total_moved_bytes=count.rw + kernel_bytes, launches=len(launches),
+                glue_ops={k: v for k, v in sorted(count.ops.items(), key=lambda kv: -kv[1])}, kernels=per_kernel)
+
+
+def bench_bytes(cfg):
+    """bench.py scan --bytes: hbm_bytes for kernels.py (and kernels.py at --bytes_before) at the shape."""
+    import kernels
+    mods = {'now': kernels}
+    if cfg.bytes_before:
+        mods = {f'before ({cfg.bytes_before})': load_kernels_at(cfg.bytes_before), **mods}
+    dtype = getattr(torch, cfg.dtype)
+    cases = [('slot decay, all ' + cfg.dtype, dtype, dtype, False),
+             ('slot decay, bf16 x, fp32 gates (autocast)', torch.bfloat16, torch.float32, False),
+             ('broadcast g (B,T,H,1), bf16 x, fp32 gates', torch.bfloat16, torch.float32, True)]
+    rows = Rows(cfg.json)
+    B, T, H, M, P = cfg.B, cfg.T, cfg.H, cfg.M, cfg.P
+    print(f"HBM bytes of one scan_triton fwd+bwd, B={B} T={T} H={H} M={M} P={P} chunk {cfg.chunk_size} "
+          f"(sm_90 tiles; a model: see hbm_bytes)\n")
+    print("| case | kernels.py | glue moved MB | glue allocated MB | kernels moved MB | total moved MB | launches |")
+    print("|---|---|---|---|---|---|---|")
+    for case, xd, gd, bc in cases:
+        for name, mod in mods.items():
+            r = hbm_bytes(mod, B, T, H, M, P, xd, gd, bc, cfg.chunk_size)
+            rows.append({'bench': 'hbm_bytes', 'case': case, 'kernels': name, 'B': B, 'T': T, 'H': H, 'M': M,
+                         'P': P, 'chunk_size': cfg.chunk_size, **r})
+            print(f"| {case} | {name} | {r['glue_moved_bytes'] / 1e6:.0f} | {r['glue_allocated_bytes'] / 1e6:.0f} | "
+                  f"{r['kernel_moved_bytes'] / 1e6:.0f} | {r['total_moved_bytes'] / 1e6:.0f} | {r['launches']} |",
+                  flush=True)
+    return rows
+
+
 def bench_scan(cfg):
+    if cfg.bytes:
+        return bench_bytes(cfg)
     device = pick_device(cfg.device, 'scan')
     if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
         sys.exit(f"bench.py scan: --dtype={cfg.dtype} must be float32, bfloat16 or float16")

@@ -167,3 +167,20 @@ def test_every_kernel_is_launched(monkeypatch):
     _, signature, divisible = compile_launch(kernel, args, kwargs, SM90)
     assert signature['x'] == '*bf16' and signature['beta'] == '*fp32'      # the model's mixed signature
     assert {'x', 'beta', 'q'} <= set(divisible)
+
+
+def test_glue_moves_no_bytes():
+    """bench.py's HBM count (no kernel runs): scan_triton's fwd+bwd glue moves nothing through
+    PyTorch ops at the model's shapes (fp32, or bf16 x with fp32 gates; g per slot or broadcast),
+    and the kernels read a broadcast g as (B,T,H,1), not expanded."""
+    from experiments.bench import hbm_bytes
+    B, T, H, M, P = 1, 200, 2, 64, 64
+    for x_dtype, broadcast in ((F32, False), (BF16, False), (BF16, True)):
+        r = hbm_bytes(kernels, B, T, H, M, P, x_dtype, F32, broadcast)
+        assert r['glue_moved_bytes'] == 0, r['glue_ops']
+        assert r['launches'] == 7
+    full, bc = hbm_bytes(kernels, B, T, H, M, P, BF16, F32, False), r
+    # 5 kernels read g and the last writes dg: M - 1 fewer floats per step each when g is broadcast
+    # (and the chunk totals Gc, per slot or one per chunk, differ by n * (M - 1) floats per use)
+    per_step = B * T * H * (M - 1) * 4
+    assert 6 * per_step <= full['kernel_moved_bytes'] - bc['kernel_moved_bytes'] < 6.1 * per_step
