@@ -1,59 +1,76 @@
 """
-Triton kernels for the Factorization Memory scan: the chunked scan (forward and
-backward, as a torch.autograd.Function) and the one-token decode steps. They
-compute what scan.py defines (scan_naive); the README derives the math.
+Triton kernels for the Factorization Memory scan: the chunked scan (forward and backward, as a
+torch.autograd.Function) and the one-token decode steps. They compute what scan.py defines
+(scan_naive); the README derives the math.
 
 Per (batch, head), a memory S of M slots (rows) of width P:
 
     S_t = e^{g_t} * S_{t-1} + beta_t x_t^T          y_t = S_t^T q_t
 
-Forward: three stages over chunks of C steps, G_t = sum_{s<=t} g_s inside a chunk.
-  1. chunk state   dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s              (M x P per chunk)
-  2. state pass    S_in[c+1] = e^{G_C} * S_in[c] + dS_c                            (sequential, n = T/C steps)
-  3. chunk output  y_t = (q_t * e^{G_t}) S_in[c] + sum_{s<=t in c} [sum_i q_ti beta_si e^{G_ti - G_si}] x_s
-Stage 3 cuts the chunk into sub-chunks of L = 16 steps and runs the recurrence
-across them with a state W held at the boundary r before each sub-chunk a
-(r = last step of sub-chunk a-1; the chunk start, G_r = 0, for a = 0):
+The stages are scan.py's scan_chunked stages, with its symbols: chunks of C steps, G_t = sum of
+g_s over s <= t inside a chunk, G_C its total, S_in[c] the state entering chunk c.
 
-    y_a = (q_a * e^{G_a - G_r}) W  +  A_a x_a,    A_a[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}  (s <= t, both in a)
-    W  <- e^{G_r' - G_r} * W  +  (beta_a * e^{G_r' - G_a})^T x_a                 (r' = last step of a)
+  kernel                 scan.py stage      computes
+  _chunk_state           1. chunk state     dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s, and G_C
+  _state_pass            2. state pass      S_in[c+1] = e^{G_C} * S_in[c] + dS_c   (sequential over c)
+  _chunk_output_fwd      3. chunk output    y_t = (q_t * e^{G_t}) S_in[c] + sum_{s<=t in c} A[t,s] x_s
+                                             A[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}
+  backward (the adjoint D_t = dL/dS_t runs the same recurrence in reverse,
+            D_t = e^{g_{t+1}} * D_{t+1} + q_t dy_t^T, dx_t = D_t^T beta_t, dbeta_t = D_t x_t):
+  _chunk_state REVERSE   1, q for beta      dD_c = sum_s (q_s * e^{G_s})^T dy_s
+  _state_pass REVERSE    2, backwards       E[c] = adjoint at chunk c's end from later chunks; dS_initial
+  _chunk_dx_dbeta_bwd    3, reversed        dx, dbeta (a reverse sweep over sub-chunks from E[c])
+  _chunk_dq_dg_bwd       3, reading states  dq_t = S_t dy_t; dg_t = sum_{t' >= t} (q*dq - beta*dbeta)_t'
 
-starting from W = S_in[c]. So the off-diagonal sub-block pairs and the state
-reads and writes are tl.dot matmuls (L x BM x P), and only the diagonal L x L
-blocks are computed pairwise (a loop over the L columns s, nothing L x L x M).
+Stage 3 and its backward sweeps cut the chunk into sub-chunks of L = 16 steps and carry a state
+W across them, held at the step r before each sub-chunk a (W = S_in[c] at a = 0), as scan.py's
+stage 3 does with its W:
 
-Why reference points: the intra-chunk term factors as (q_t e^{G_t})(beta_s e^{-G_s}),
-one matmul, but e^{-G_s} grows with the chunk's decay and overflows fp32 past
-~88 nats (64 steps at -20 reach -1280). Here every exponent is G_t - G_s with s
-at or before t (a reference point r with s <= r <= t), so it is <= 0: strong
-decays underflow harmlessly to 0 and nothing overflows.
+    y_a = (q_a * e^{G_a - G_r}) W + A_a x_a          W <- e^{G_r' - G_r} * W + (beta_a * e^{G_r' - G_a})^T x_a
 
-Backward: the adjoint D_t = dL/dS_t runs the same recurrence in reverse,
+(r' = a's last step), so the off-diagonal sub-block pairs and the state reads and writes are tl.dot
+matmuls (L x BM x P). Every exponent is a difference G_t - G_s with s at or before t, <= 0: a
+strong decay underflows harmlessly to 0 and nothing overflows (e^{-G_s} from a chunk start would
+pass fp32's e^88 once a chunk decays by 88 nats; 64 steps at -20 reach -1280).
 
-    D_t = e^{g_{t+1}} * D_{t+1} + q_t dy_t^T,     dx_t = D_t^T beta_t,    dbeta_t = D_t x_t,
+Where this file differs from scan.py's scan_chunked, and why:
+- Sub-chunks of L = 16 (tl.dot's smallest tile) vs scan.py's 32; the diagonal L x L blocks A_a
+  are pairwise here, one column at a time in registers (nothing L x L x BM), with the decays
+  e^{G_t - G_s} as running products of e^{g} <= 1 that only shrink. scan.py factors A_a through
+  the sub-chunk start, (q e^{G_a - G_r})(beta e^{G_r - G_a})^T, when the sub-chunk decays by
+  less than MAX_SPAN = 60 nats, and goes pairwise only past that (a pairwise L x L x M tensor
+  costs more than the rest of its scan on a CPU).
+- G is never materialized: each kernel takes g as given, (B,T,H,M) or a broadcast (B,T,H,1)
+  (Mamba-2's case, read once per step, never expanded), and forms Gl = G - G_r, the decay since
+  the sub-chunk's start, with tl.cumsum over the sub-chunk; sums are referred to the sub-chunk
+  (stage 1 as acc <- e^{Gl_end} acc + ..., so its exponents are local too), and the chunk total
+  G_C is written once by stage 1 (Gc, (B,H,n,GM)) for the state passes. scan.py takes the
+  chunk's cumsum of g, and runs a broadcast g as one C x C matrix per chunk (the SSD form).
+- Stage 2 is a sequential loop over chunks here; scan.py does it as one matmul by the
+  (n+1) x (n+1) matrix of decays between chunk ends (on a CPU n small ops cost more).
+- The decay gradient is in the last backward kernel, not PyTorch glue (scan.py: dG, then a
+  T-long reverse cumsum). dg at a chunk's first step t0 is exact from two states the passes
+  already hold, K[c] = sum_p S_in[c] * E[c-1] (dg_t = sum_p (e^{g_t} S_{t-1}) * D_t, and the
+  reverse pass's running D after chunk c is e^{g_t0} D_t0, stored as E[c-1]; dS_initial for
+  c = 0); inside the chunk dg_t = K[c] - sum_{t0 <= t' < t} dG_t' with dG = q*dq - beta*dbeta in
+  registers. The final state's term sum_p S_final * dS_final is inside K of every chunk.
+- Nothing is padded: loads past T are masked to 0 (g = 0: no decay, beta = q = 0: no write or
+  read, x = dy = 0), so the last chunk's tail is exact, and stores past T are masked off.
 
-i.e. the forward stages with q and beta swapped, x and dy swapped, and time
-reversed: stage 1 gives dD_c = sum_s (q_s * e^{G_s})^T dy_s; stage 2 run backwards
-gives E[c], the adjoint at the end of chunk c from later chunks, and
-dS_initial = e^{G_C} * E[0] + dD_0 (= a_1 * D_1); a reverse sweep over sub-chunks
-gives dx and dbeta. dq_t = S_t dy_t is a forward sweep like stage 3 that reads
-the states with dy. The decay gradient is PyTorch glue:
-dG = q*dq - beta*dbeta (+ sum_p S_final*dS_final at the last step),
-dg = reverse cumulative sum of dG over time.
+Slots never mix in the recurrence, so each program takes a block of BM slots (grid axis 2): the
+state W (BM x P, fp32) stays in registers. On sm_90 the model's M = 64 (at P <= 64) is one block
+at 8 warps, and y, dx, dq, dg are written once, in their dtypes. Larger M, and sm_80 (where that
+8-warp block spills), take blocks of STATE_TILE / BP slots, and y, dx (and a broadcast dg), which
+sum over slots, are fp32 shares added up in PyTorch.
 
-Slots never mix in the recurrence, so each program takes a block of BM slots
-(grid axis 2): the state W (BM x P, fp32) stays in registers, and y and dx,
-which sum over slots, are partial sums added up in PyTorch.
+Any M and P >= 1: tl.dot wants tiles whose sides are powers of 2 >= 16, so a program's tile is
+BM slots by BP = max(16, next_pow2(P)) columns, and loads past M or P are masked to 0. That is
+exact: a slot past M has g = 0, beta = 0 and q = 0, so its row of W stays 0; a column past P has
+x = dy = 0. Stores past M or P are masked off, so tensors keep their real shapes.
 
-Any M and P >= 1: tl.dot wants tiles whose sides are powers of 2 >= 16, so a
-program's tile is BM slots by BP = max(16, next_pow2(P)) columns, and loads past
-M or P are masked to 0. That is exact: a slot past M has g = 0 (no decay),
-beta = 0 (nothing written) and q = 0 (nothing read), so its row of W stays 0; a
-column past P has x = dy = 0. Stores past M or P are masked off, so tensors keep
-their real shapes (no padded copies).
-
-On CPU tensors the kernels run only under the Triton interpreter
-(TRITON_INTERPRET=1 set before triton is first imported).
+scan_triton and the decode steps are torch.compile boundaries (torch.compiler.disable): a
+compiled model runs them eagerly. On CPU tensors the kernels run only under the Triton
+interpreter (TRITON_INTERPRET=1 set before triton is first imported).
 """
 import torch
 import triton
@@ -396,8 +413,8 @@ def _launch(kernel, grid, *args, **meta):
 
 def _require_runnable(t):
     if not t.is_cuda and isinstance(_chunk_state, triton.runtime.JITFunction):
-        raise RuntimeError("kernels.py got CPU tensors: Triton runs on CPU only under its interpreter. "
-                           "Set TRITON_INTERPRET=1 before triton is first imported, or use scan_impl='chunked'.")
+        raise RuntimeError("kernels.py got CPU tensors: Triton runs on CPU only under its interpreter. Set "
+                           "TRITON_INTERPRET=1 before triton is first imported, or use scan_impl='chunked'.")
 
 
 class _ScanTriton(torch.autograd.Function):
@@ -411,7 +428,7 @@ class _ScanTriton(torch.autograd.Function):
         M, GM = beta.shape[-1], g.shape[-1]
         meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM)
         C, BM = chunk_size, meta['BM']
-        n, nb = triton.cdiv(T, C), triton.cdiv(M, BM)              # chunks; slot blocks, the last maybe partial
+        n, nb = triton.cdiv(T, C), triton.cdiv(M, BM)       # chunks; slot blocks, the last maybe partial
         x, g, beta, q = (t.contiguous() for t in (x, g, beta, q))
         f32 = dict(device=x.device, dtype=torch.float32)
         S0 = torch.zeros(B, H, M, P, **f32) if initial_state is None else initial_state.float().contiguous()
@@ -438,7 +455,8 @@ class _ScanTriton(torch.autograd.Function):
         dS_final = dS_final.float().contiguous()
         f32 = dict(device=x.device, dtype=torch.float32)
         E, dS0 = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
-        dx = torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else torch.empty(nb, B, T, H, P, **f32)
+        dx = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
+              torch.empty(nb, B, T, H, P, **f32))
         dbeta = torch.empty(B, T, H, M, **f32)
         dq = torch.empty(B, T, H, M, device=x.device, dtype=q.dtype)
         if GM > 1 or nb == 1:
@@ -566,4 +584,5 @@ def scan_step_sparse_triton(state, x, g, beta, q, idx):
 
 # each kernel's parameter names, read here once rather than at every launch (kernel.arg_names)
 _ARG_NAMES = {k: frozenset(k.arg_names) for k in (_chunk_state, _state_pass, _chunk_output_fwd,
-                                                   _chunk_dx_dbeta_bwd, _chunk_dq_dg_bwd, _step_dense, _step_sparse)}
+                                                   _chunk_dx_dbeta_bwd, _chunk_dq_dg_bwd, _step_dense,
+                                                   _step_sparse)}
