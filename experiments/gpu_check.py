@@ -88,8 +88,9 @@ def train_step(mixer, T):
 STEPS = [
     Step('env', 1, 10, False, f"{PY} -m experiments.gpu_check env {{res}}",
          'versions, GPU, driver, commit -> env.json'),
-    Step('pytest_cuda', 1, 150, True,
-         f"{PY} -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py --junitxml={{res}}/pytest_cuda.xml",
+    Step('pytest_cuda', 1, 150, True,      # 8 xdist workers where pytest-xdist is (the JIT compiles in parallel)
+         f"{PY} -m pytest -q -rs -p no:cacheprovider $({PY} -c 'import xdist' 2>/dev/null && printf -- '-n 8') "
+         f"tests/test_cuda.py --junitxml={{res}}/pytest_cuda.xml",
          'tests/test_cuda.py only: scan vs scan_naive (fwd, every gradient), decode steps, LM on CUDA = CPU'),
     Step('scan_bf16', 1, 50, True, f"{SCAN} --dtype=bfloat16 --impls=ours --json={{res}}/scan_bf16.json",
          'our Triton scan fwd and fwd+bwd vs the chunked scan, bf16, B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
@@ -127,7 +128,7 @@ STEPS = [
 ]
 
 
-def plan_text():
+def plan_text(commands=False):
     lines = [f"{'call':>4}  {'step':<22}{'budget s':>9}{'in call':>9}{'total':>7}  what"]
     total = 0
     for call in sorted({s.call for s in STEPS}):
@@ -137,6 +138,8 @@ def plan_text():
             total += s.budget_s
             lines.append(f"{call:>4}  {s.name:<22}{s.budget_s:>9}{in_call:>9}{total:>7}  "
                          f"{'[cuda] ' if s.cuda else ''}{s.what}")
+            if commands:
+                lines.append(f"{'':>6}$ {s.cmd.format(res='results/gpu')}")
         lines.append(f"{'':>4}  {'= call ' + str(call):<22}{in_call:>9} s of at most {CALL_LIMIT_S}; run with "
                      f"timeout_s={in_call + 30}")
     lines.append(f"total {total} s of at most {TOTAL_LIMIT_S} (plus the machine's start, 1-2 min)")
@@ -365,7 +368,7 @@ def main(argv):
         sys.exit(__doc__)
     check_plan()
     if 'dry-run' in opts:
-        print(plan_text()[0])
+        print(plan_text(commands=True)[0])
         return 0
     call = opts.get('call', '1')
     calls = sorted({s.call for s in STEPS}) if call == 'all' else [int(call)]
