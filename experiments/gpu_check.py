@@ -26,14 +26,14 @@ machine. Unpack them here with `tar xzf gpu_callN.tar.gz -C results/gpu`.
 With the device tool (`run`), from the repo root here:
 
     1. python -m experiments.gpu_check prepare       # wheels of fla-core and mamba-ssm, the text
-    2. run(command="python3 -m experiments.gpu_check --call=1", carry=[".gpu_carry"], timeout_s=330)
-    3. run(command="python3 -m experiments.gpu_check --call=2", carry=[".gpu_carry"], timeout_s=330)
-    4. run(command="python3 -m experiments.gpu_check --call=3", carry=[".gpu_carry"], timeout_s=330)
+    2. run(command="python3 -m experiments.gpu_check --call=1", carry=[".gpu_carry"], timeout_s=285)
+    3. run(command="python3 -m experiments.gpu_check --call=2", carry=[".gpu_carry"], timeout_s=265)
+    4. run(command="python3 -m experiments.gpu_check --call=3", carry=[".gpu_carry"], timeout_s=230)
     5. for each call: tar xzf <files_at>/gpu_callN.tar.gz -C results/gpu; then give_back
 
 Make the calls back to back (the machine stays warm about 30 s after a call; a cold start costs a
-minute or more of the 15). A call's timeout_s is its steps' budget plus 30 s for packing and the
-interpreter's start. A call that comes back timed out still returns what $OUT holds.
+minute or more of the 15). A call's timeout_s (the dry run prints it) is its steps' budget plus 30 s
+for packing and the interpreter's start: 285 + 265 + 230 s, with a start of 1-2 min, is under 15 min. A call that comes back timed out still returns what $OUT holds.
 
 Options: --call=1|2|3|all, --only=step,step (a subset of the call's steps), --results=DIR
 (default results/gpu), --dry-run. On a machine without CUDA the CUDA steps are recorded as
@@ -79,9 +79,11 @@ TRAIN = (f"{PY} train.py config/shakespeare_char_gpu.py --device=cuda --dtype=bf
 def train_step(mixer, T):
     batch = 16 * 1024 // T                     # 16,384 tokens per iteration at every T
     out = f"out-gpu/{mixer}_T{T}"
+    # the log is copied on any exit, also when the step's timeout stops it (SIGTERM -> exit -> EXIT trap)
+    keep = f"mkdir -p {{res}}/train; cp {out}/log.jsonl {{res}}/train/{mixer}_T{T}.jsonl 2>/dev/null"
     return Step(f"train_{mixer}_T{T}", 3, 35, True,
-                f"{TRAIN} --mixer={mixer} --block_size={T} --batch_size={batch} --out_dir={out}; rc=$?; "
-                f"mkdir -p {{res}}/train; cp {out}/log.jsonl {{res}}/train/{mixer}_T{T}.jsonl; exit $rc",
+                f"trap '{keep}' EXIT; trap 'exit 143' TERM; "
+                f"{TRAIN} --mixer={mixer} --block_size={T} --batch_size={batch} --out_dir={out}",
                 f"train.py, {mixer}, T={T}, batch {batch}, 40 iterations (log.jsonl kept even if stopped)")
 
 
