@@ -266,9 +266,7 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
         mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
         g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
         beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
-        q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
         x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        dy_a = tl.load(dy + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
         Gl = tl.cumsum(g_a, 0)
         Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
         decay_r = tl.exp(Gl_end[None, :] - Gl)
@@ -291,6 +289,9 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
             dbeta_a += x_dy[:, None] * q_t[None, :] * decay
         tl.store(dx + row[:, None] * P + p[None, :], dx_a.to(dx.dtype.element_ty), mask=pk)
         tl.store(dbeta + row[:, None] * M + m[None, :], dbeta_a, mask=mk)
+        # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held through it
+        q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
+        dy_a = tl.load(dy + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a, input_precision=PREC)
 
 
