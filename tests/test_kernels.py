@@ -7,7 +7,12 @@ routing {dense, sparse top-k, broadcast g}, decay {weak, strong down to -20},
 T {1, 17, 33, 40, 64, 80, 130, 200}, M {1, 5, 16, 64, 100}, P {3, 32, 48, 64} (any M, P:
 the kernels mask their power-of-2 tiles), initial state {no, yes}, fp32 and bf16.
 Every buffer the kernels fill is poisoned with NaN first: an element they fail to
-write shows up.
+write shows up. The interpreter is brought closer to a GPU in two ways: fp32 -> bf16
+stores round to nearest even as a GPU does (the interpreter truncates), and, in
+test_scan_triton_with_tf32_dots, tl.dot rounds its operands to tf32 as tensor cores do,
+so the error a GPU should show is measured against the CUDA tolerances
+(results/gpu/tf32_emulated.json). test_scan_and_steps_are_a_torch_compile_boundary
+checks with torch._dynamo.explain that scan_triton and the steps are opaque to dynamo.
 
 The interpreter must be on before triton is first imported, so this module asks
 for it (triton_mode, tests/conftest.py): a pytest process that imported triton
