@@ -418,6 +418,14 @@ def _require_runnable(t):
                            "TRITON_INTERPRET=1 before triton is first imported, or use scan_impl='chunked'.")
 
 
+def _compile_boundary(reason):
+    """torch.compiler.disable as a decorator, with its reason where this torch takes one."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:
+        return torch.compiler.disable
+
+
 class _ScanTriton(torch.autograd.Function):
     """The glue: allocations and launches only. Inputs are read where they are (contiguous()
     copies only what is not), g is read as given ((B,T,H,M) or broadcast (B,T,H,1)), the last
@@ -476,7 +484,7 @@ class _ScanTriton(torch.autograd.Function):
         return dx, dg, dbeta.to(beta.dtype), dq, dS0 if has_initial else None, None
 
 
-@torch.compiler.disable(reason='Triton scan: launches and autograd.Function run eagerly')
+@_compile_boundary('Triton scan: launches and autograd.Function run eagerly')
 def scan_triton(x, g, beta, q, initial_state=None, chunk_size=64):
     """The chunked scan in Triton, forward and backward. Equals scan.scan_naive.
 
@@ -551,7 +559,7 @@ def sparse_step_meta(K, P):
     return dict(P=P, BK=triton.next_power_of_2(K), BP=triton.next_power_of_2(P))
 
 
-@torch.compiler.disable(reason='Triton decode step: runs eagerly')
+@_compile_boundary('Triton decode step: runs eagerly')
 def scan_step_triton(state, x, g, beta, q):
     """One token, as scan.scan_step: state (B,H,M,P) fp32, updated in place and returned;
     x (B,H,P); g (B,H,M) or (B,H,1); beta, q (B,H,M). Returns (y (B,H,P) in x's dtype, state)."""
@@ -566,7 +574,7 @@ def scan_step_triton(state, x, g, beta, q):
     return y, state
 
 
-@torch.compiler.disable(reason='Triton sparse decode step: runs eagerly')
+@_compile_boundary('Triton sparse decode step: runs eagerly')
 def scan_step_sparse_triton(state, x, g, beta, q, idx):
     """One token of a sparse layer, as scan.scan_step_sparse: only rows idx (B,K) of each head's
     state (B,H,M,P) fp32 are read and written, in place; x (B,H,P); g, beta, q (B,H,K).

@@ -309,3 +309,33 @@ def test_tiles_cover_any_M_P():
             assert meta['num_warps'] == (8 if BM * BP > kernels.STATE_TILE else 4)
             if M <= 64 and P <= 64:
                 assert BM >= M                                   # one slot block
+
+
+def test_scan_and_steps_are_a_torch_compile_boundary():
+    """torch.compile sees scan_triton and the decode steps as one opaque call each (a graph
+    break at torch.compiler.disable), not as launches and an autograd.Function to trace; the
+    compiled function still computes what the eager one does."""
+    x, g, beta, q, S0 = inputs(16, 16, 16, 'dense', 'weak', torch.float32, B=1, H=1)
+
+    def scan_then_sum(x, g, beta, q):
+        y, S = kernels.scan_triton(x * 2, g, beta, q, chunk_size=16)
+        return y.sum() + S.sum()
+
+    def steps(S, x, g, beta, q):
+        y, S = kernels.scan_step_triton(S, x, g, beta, q)
+        y2, S = kernels.scan_step_sparse_triton(S, x, g[..., :2], beta[..., :2], q[..., :2],
+                                                torch.tensor([[0, 3]]))
+        return y + y2
+
+    cases = [(scan_then_sum, (x, g, beta, q)), (steps, (S0.clone(), x[:, 0], g[:, 0], beta[:, 0], q[:, 0]))]
+    for fn, args in cases:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*[a.clone() for a in args])
+        reasons = [str(r.reason) for r in explained.break_reasons]
+        print(fn.__name__, explained.graph_break_count, 'graph breaks:', [r.splitlines()[0] for r in reasons])
+        # one break per disabled call (dynamo merges two calls in a row into one break)
+        assert explained.graph_break_count >= 1
+        assert all('torch.compiler.disable' in r for r in reasons), reasons
+        compiled = torch.compile(fn, backend='eager')
+        assert torch.allclose(compiled(*[a.clone() for a in args]), fn(*[a.clone() for a in args]))
+    torch._dynamo.reset()
