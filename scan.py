@@ -24,7 +24,7 @@ returns y (B, T, H, P) in x's dtype and the final state (B, H, M, P) in float32.
 Where scan.py and kernels.py differ
     Both run the three stages below with the same names (G, G_C, S_in, W, E, A_a, L; stage 1
     kernels._chunk_state, 2 _state_pass, 3 _chunk_output_fwd, and the backward sweeps
-    _chunk_dx_dbeta_bwd and _chunk_dq_bwd), and both equal scan_naive to fp32 rounding. They
+    _chunk_dx_dbeta_bwd and _chunk_dq_dg_bwd), and both equal scan_naive to fp32 rounding. They
     differ where a CPU and a GPU find different things cheap. On a CPU every PyTorch op costs
     microseconds of dispatch and every intermediate tensor goes through memory: few, large
     matmuls win. A Triton program keeps its tiles in registers, where an elementwise pass is
@@ -43,11 +43,15 @@ Where scan.py and kernels.py differ
       (_segsum), not n small dependent ops; kernels.py loops over the n chunks, the state in
       registers.
     - Scalar decay g (B,T,H,1): here a path of its own (_scan_scalar, the SSD form: a chunk's
-      decays are one C x C matrix; autograd does the backward); kernels.py broadcasts g to
-      (B,T,H,M) and runs the per-slot kernels.
+      decays are one C x C matrix; autograd does the backward); kernels.py reads g as
+      (B,T,H,1) in the per-slot kernels, each slot's decay broadcast in registers.
     - The backward: here the forward saves the states W at every sub-chunk and the blocks A_a,
       and one pass gives dbeta and dq (they share Q[t,s] = dy_t . x_s); kernels.py saves only
-      S_in, recomputes W in _chunk_dq_bwd's forward sweep and A_a in registers.
+      S_in, recomputes W in _chunk_dq_dg_bwd's forward sweep and A_a in registers.
+    - The decay gradient dg: here dG = q*dq - beta*dbeta, then a reverse cumsum over T in
+      PyTorch (step 4 of _ScanSlots.backward); kernels.py computes it in _chunk_dq_dg_bwd, a
+      chunk-local sum that starts from the total the reverse state pass carries in (its header
+      gives the identity), so no T-long tensor is made.
 """
 import math
 
@@ -360,7 +364,7 @@ class _ScanSlots(torch.autograd.Function):
         # dbeta = e^{G_r' - G} * (x V^T + Q^T (q_from * inv)),   q_from * inv = q e^{G - G_r'}
         dbeta = _add_mm(xV.clone() if wide is not None else xV, Q.transpose(-1, -2), q_from * inv)
         dbeta.mul_(to_end)
-        # 3b. dq (_chunk_dq_bwd), from the saved W: dq = e^{G - G_r} * (dy W^T + Q (b_end * inv)),
+        # 3b. dq (_chunk_dq_dg_bwd), from the saved W: dq = e^{G - G_r} * (dy W^T + Q (b_end * inv)),
         # b_end * inv = b_to = beta e^{G_r - G}
         dyW = dy_ @ W.transpose(-1, -2)                               # (B,H,n,k,L,M)
         dq = _add_mm(dyW.clone() if wide is not None else dyW, Q, b_end * inv).mul_(from_r)
@@ -368,7 +372,7 @@ class _ScanSlots(torch.autograd.Function):
             K = _pairwise(G_[wide]).mul_(Q[wide][..., None])          # (nw,L,L,M) [t,s,i]
             dq[wide] = from_r[wide] * dyW[wide] + (K * b_[wide][:, None, :, :]).sum(-2)
             dbeta[wide] = to_end[wide] * xV[wide] + K.mul_(q_[wide][:, :, None, :]).sum(-3)
-        # 4. the decay (PyTorch glue here and in kernels.py): dG, then its reverse cumsum
+        # 4. the decay (in kernels.py, inside _chunk_dq_dg_bwd): dG, then its reverse cumsum
         dG = _unchunk(torch.addcmul(qc * dq.view_as(qc), bc, dbeta.view_as(bc), value=-1), T)
         dG[:, T - 1] += (S_final * dS_final).sum(-1)                  # (B,T,H,M)
         dg = dG.flip(1).cumsum(1).flip(1)
