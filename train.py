@@ -12,7 +12,9 @@ The keys are TrainConfig's below and ModelConfig's (model.py); both dataclasses'
 the default run. Arguments apply left to right: config files, then --key=value.
 
 Outputs in out_dir: ckpt.pt (replaced atomically, so an interrupted run keeps the last good one)
-and log.jsonl (one JSON object per logged training step and per evaluation).
+and log.jsonl (one JSON object per logged training step and per evaluation). For the FM mixers
+each evaluation also reports the router's health (model.router_health over 4 validation
+batches: effective and dead slots, max share, per layer) in its log line and as 'router'.
 """
 import dataclasses
 import json
