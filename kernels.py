@@ -1,7 +1,7 @@
 """
 Triton kernels for the Factorization Memory scan: the chunked scan (forward and backward, as a
 torch.autograd.Function) and the one-token decode steps. They compute what scan.py defines
-(scan_naive); the README derives the math.
+(scan_naive); docs/scan.md derives the math.
 
 Per (batch, head), a memory S of M slots (rows) of width P:
 
@@ -57,6 +57,10 @@ Where this file differs from scan.py's scan_chunked, and why:
 - Nothing is padded: loads past T are masked to 0 (g = 0: no decay, beta = q = 0: no write or
   read, x = dy = 0), so the last chunk's tail is exact, and stores past T are masked off.
 
+Each stage is one @triton.jit kernel; the index, mask and load code they share (program to slots
+and columns, sub-chunk rows and masks, tile and row loads) is in small device helpers that Triton
+inlines, reached as tiles.<name> (a namespace, so the module's @triton.jit globals are the kernels).
+
 Slots never mix in the recurrence, so each program takes a block of BM slots (grid axis 2): the
 state W (BM x P, fp32) stays in registers. On sm_90 the model's M = 64 (at P <= 64) is one block
 at 8 warps, and y, dx, dq, dg are written once, in their dtypes. Larger M, and sm_80 (where that
@@ -72,6 +76,8 @@ scan_triton and the decode steps are torch.compile boundaries (torch.compiler.di
 compiled model runs them eagerly. On CPU tensors the kernels run only under the Triton
 interpreter (TRITON_INTERPRET=1 set before triton is first imported).
 """
+import types
+
 import torch
 import triton
 import triton.language as tl
@@ -92,6 +98,86 @@ STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 regi
 # from t0 to t is the decay since the sub-chunk's start r (G_t - G_r) and Gl_end its total.
 # -----------------------------------------------------------------------------
 
+# Shared tile loaders, not stages: the index, mask and load code the kernels have in common, as
+# small @triton.jit device helpers (Triton inlines them where they are called). The kernels call
+# them as tiles.<name>; kept in that namespace, not as module globals, this module's @triton.jit
+# globals are exactly the launched kernels (tests/test_kernels_compile_gputarget.py compiles each).
+tiles = types.ModuleType('kernels.tiles', 'Shared tile loaders of the kernels (device helpers).')
+
+
+def _tile_loader(fn):
+    """Decorator: triton.jit(fn) becomes tiles.<fn's name>; the module-level name is left None."""
+    setattr(tiles, fn.__name__, triton.jit(fn))
+
+
+@_tile_loader
+def block(bh, mb, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
+          GM: tl.constexpr):
+    """Program (bh, mb)'s b (int64), h, slots m, columns p, their masks, g's column gm per slot."""
+    b, h = (bh // H).to(tl.int64), bh % H
+    m, p = mb * BM + tl.arange(0, BM), tl.arange(0, BP)
+    if GM == 1:
+        gm = m * 0                                                   # broadcast g: its one column
+    else:
+        gm = m
+    return b, h, m, p, m < M, p < P, gm
+
+
+@_tile_loader
+def matrix(ptr, i, m, p, mask, M: tl.constexpr, P: tl.constexpr):
+    """Rows m, columns p of the i-th (M, P) fp32 matrix of the stack at ptr, 0 where not mask."""
+    return tl.load(ptr + (i * M + m[:, None]) * P + p[None, :], mask=mask, other=0.0)
+
+
+@_tile_loader
+def rows(ptr, row, col, N: tl.constexpr, mask):
+    """Columns col of rows row of ptr's (..., N) rows, an (L, len(col)) tile in fp32, 0 off mask."""
+    return tl.load(ptr + row[:, None] * N + col[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@_tile_loader
+def store_rows(ptr, row, col, N: tl.constexpr, val, mask):
+    """Stores val at columns col of rows row of ptr's (..., N) rows, in ptr's dtype, where mask."""
+    tl.store(ptr + row[:, None] * N + col[None, :], val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@_tile_loader
+def sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM: tl.constexpr, L: tl.constexpr):
+    """Sub-chunk steps t = t0..t0+L-1: their rows, t < T, the (L,BM) and (L,BP) masks, and g_a."""
+    l = tl.arange(0, L)
+    t_ok = t0 + l < T
+    row = row0 + (t0 + l) * H
+    mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
+    return row, t_ok, mk, pk, tiles.rows(g, row, gm, GM, mk)
+
+
+@_tile_loader
+def decays(g_a, L: tl.constexpr):
+    """Gl = G - G_r (g_a's cumsum over the sub-chunk: the decay since its start) and Gl_end."""
+    Gl = tl.cumsum(g_a, 0)
+    return Gl, tl.sum(tl.where(tl.arange(0, L)[:, None] == L - 1, Gl, 0.0), 0)
+
+
+@_tile_loader
+def step(k, u, g, row0, t, T, H, m, p, gm, M: tl.constexpr, P: tl.constexpr, GM: tl.constexpr):
+    """Step t's k (slots m), u (columns p) and e^{g_t}, in fp32: 0, 0 and 1 at t >= T."""
+    row = row0 + t * H
+    m_t, p_t = tl.where(t < T, M, 0), tl.where(t < T, P, 0)         # nothing at t >= T
+    k_t = tl.load(k + row * M + m, mask=m < m_t, other=0.0).to(tl.float32)
+    u_t = tl.load(u + row * P + p, mask=p < p_t, other=0.0).to(tl.float32)
+    return k_t, u_t, tl.exp(tl.load(g + row * GM + gm, mask=m < m_t, other=0.0).to(tl.float32))
+
+
+@_tile_loader
+def gates(g, beta, q, i, mask):
+    """The decode steps' g, beta and q at offsets i, as fp32, 0 where not mask."""
+    return (tl.load(g + i, mask=mask, other=0.0).to(tl.float32),
+            tl.load(beta + i, mask=mask, other=0.0).to(tl.float32),
+            tl.load(q + i, mask=mask, other=0.0).to(tl.float32))
+
+
+# The stages.
+
 @triton.jit
 def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
                  BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
@@ -105,30 +191,19 @@ def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM
     forward only: Gc (B,H,n,GM) fp32 <- G_C, the chunk's total decay. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h = (bh // H).to(tl.int64), bh % H
-    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
-    m_ok, p_ok = m < M, p < P
-    if GM == 1:
-        gm = m * 0                                                   # broadcast g: its one column
-    else:
-        gm = m
+    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
     row0 = b * T * H + h
     acc = tl.zeros([BM, BP], tl.float32)
     G_C = tl.zeros([BM], tl.float32)
     for i in range(C // L):
         if REVERSE:
-            a = C // L - 1 - i
+            t0 = c * C + (C // L - 1 - i) * L
         else:
-            a = i
-        t = c * C + a * L + l
-        t_ok = t < T
-        row = row0 + t * H
-        mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
-        g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
-        k_a = tl.load(k + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
-        u_a = tl.load(u + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        Gl = tl.cumsum(g_a, 0)
-        Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
+            t0 = c * C + i * L
+        row, t_ok, mk, pk, g_a = tiles.sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        k_a = tiles.rows(k, row, m, M, mk)
+        u_a = tiles.rows(u, row, p, P, pk)
+        Gl, Gl_end = tiles.decays(g_a, L)
         if REVERSE:
             k_a = k_a * tl.exp(Gl)
         else:
@@ -156,17 +231,11 @@ def _state_pass(states, Gc, S0, S_last, H, n, M: tl.constexpr, P: tl.constexpr, 
     states (B,H,n,M,P) fp32: dS_c (dD_c) in, S_in[c] (E[c]) out; Gc (B,H,n,GM) fp32;
     S0 in, S_last out (B,H,M,P) fp32: S_final, or dS_initial when REVERSE. Grid (B*H, cdiv(M,BM))."""
     bh, mb = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H
-    m, p = mb * BM + tl.arange(0, BM), tl.arange(0, BP)
-    m_ok = m < M
-    if GM == 1:
-        gm = m * 0
-    else:
-        gm = m
-    ok = m_ok[:, None] & (p < P)[None, :]
-    tile = m[:, None] * P + p[None, :]
-    chunk0 = states + (b * H + h) * n * M * P + tile
-    S = tl.load(S0 + (b * H + h) * M * P + tile, mask=ok, other=0.0)
+    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    ok = m_ok[:, None] & p_ok[None, :]
+    mp = m[:, None] * P + p[None, :]
+    chunk0 = states + (b * H + h) * n * M * P + mp
+    S = tl.load(S0 + (b * H + h) * M * P + mp, mask=ok, other=0.0)
     for i in range(n):
         if REVERSE:
             c = n - 1 - i
@@ -176,7 +245,7 @@ def _state_pass(states, Gc, S0, S_last, H, n, M: tl.constexpr, P: tl.constexpr, 
         tl.store(chunk0 + c * M * P, S, mask=ok)
         G_C = tl.load(Gc + ((b * H + h) * n + c) * GM + gm, mask=m_ok, other=0.0)
         S = tl.exp(G_C)[:, None] * S + dS
-    tl.store(S_last + (b * H + h) * M * P + tile, S, mask=ok)
+    tl.store(S_last + (b * H + h) * M * P + mp, S, mask=ok)
 
 
 @triton.jit
@@ -192,45 +261,28 @@ def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.con
     each block's share. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h = (bh // H).to(tl.int64), bh % H
-    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
-    m_ok, p_ok = m < M, p < P
-    if GM == 1:
-        gm = m * 0
-    else:
-        gm = m
-    row0 = b * T * H + h
+    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    row0, l = b * T * H + h, tl.arange(0, L)
     y += mb.to(tl.int64) * tl.num_programs(1) * T * P
-    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :],
-                mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+    W = tiles.matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     for a in range(C // L):
         t0 = c * C + a * L
-        t_ok = t0 + l < T
-        row = row0 + (t0 + l) * H
-        mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
-        g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
-        beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
-        q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
-        x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        Gl = tl.cumsum(g_a, 0)
-        Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
+        row, t_ok, mk, pk, g_a = tiles.sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        Gl, Gl_end = tiles.decays(g_a, L)
+        beta_a, q_a = tiles.rows(beta, row, m, M, mk), tiles.rows(q, row, m, M, mk)
+        x_a = tiles.rows(x, row, p, P, pk)
         y_a = tl.dot(q_a * tl.exp(Gl), W, input_precision=PREC)
         # diagonal block, pairwise, one column s = t0 + j of A_a at a time, from the last (no
-        # L x L x BM tile): decay[t] = e^{Gl_t - Gl_s} (t >= s, else 0) is the next column's
-        # times e^{g_{s+1}} <= 1, and 1 at t = s, so it only shrinks (underflow to 0 is harmless)
-        decay = tl.zeros([L, BM], tl.float32)
-        a_next = tl.zeros([BM], tl.float32)                          # e^{g_{s+1}}
+        # L x L x BM tile): decay[t] = e^{Gl_t - Gl_s} (t >= s, else 0) is the next column's times
+        # a_next = e^{g_{s+1}} <= 1, and 1 at t = s, so it only shrinks (underflow to 0 is harmless)
+        decay, a_next = tl.zeros([L, BM], tl.float32), tl.zeros([BM], tl.float32)
         for jj in range(L):
             j = L - 1 - jj
-            row_s = row0 + (t0 + j) * H
-            m_s, p_s = tl.where(t0 + j < T, M, 0), tl.where(t0 + j < T, P, 0)   # nothing at s >= T
-            beta_s = tl.load(beta + row_s * M + m, mask=m < m_s, other=0.0).to(tl.float32)
-            x_s = tl.load(x + row_s * P + p, mask=p < p_s, other=0.0).to(tl.float32)
-            decay = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :])
-            a_next = tl.exp(tl.load(g + row_s * GM + gm, mask=m < m_s, other=0.0).to(tl.float32))
+            beta_s, x_s, a_s = tiles.step(beta, x, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
+            decay, a_next = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :]), a_s
             A_s = tl.sum(q_a * beta_s[None, :] * decay, 1)               # A_a[:, s]
             y_a += A_s[:, None] * x_s[None, :]
-        tl.store(y + row[:, None] * P + p[None, :], y_a.to(y.dtype.element_ty), mask=pk)
+        tiles.store_rows(y, row, p, P, y_a, pk)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)), x_a,
                                                   input_precision=PREC)
 
@@ -248,27 +300,16 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
     dbeta <- (B,T,H,M) fp32. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h = (bh // H).to(tl.int64), bh % H
-    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
-    m_ok, p_ok = m < M, p < P
-    if GM == 1:
-        gm = m * 0
-    else:
-        gm = m
-    row0 = b * T * H + h
+    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    row0, l = b * T * H + h, tl.arange(0, L)
+    W = tiles.matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     dx += mb.to(tl.int64) * tl.num_programs(1) * T * P
-    W = tl.load(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :],
-                mask=m_ok[:, None] & p_ok[None, :], other=0.0)
     for i in range(C // L):
         t0 = c * C + (C // L - 1 - i) * L
-        t_ok = t0 + l < T
-        row = row0 + (t0 + l) * H
-        mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
-        g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
-        beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
-        x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        Gl = tl.cumsum(g_a, 0)
-        Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
+        row, t_ok, mk, pk, g_a = tiles.sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        Gl, Gl_end = tiles.decays(g_a, L)
+        beta_a = tiles.rows(beta, row, m, M, mk)
+        x_a = tiles.rows(x, row, p, P, pk)
         decay_r = tl.exp(Gl_end[None, :] - Gl)
         dx_a = tl.dot(beta_a * decay_r, W, input_precision=PREC)
         dbeta_a = decay_r * tl.dot(x_a, tl.trans(W), input_precision=PREC)
@@ -277,21 +318,17 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
         # decay[s] = e^{Gl_t - Gl_s} (s <= t, else 0): the last step's times e^{g_t} <= 1, 1 at s = t
         decay = tl.zeros([L, BM], tl.float32)
         for j in range(L):
-            row_t = row0 + (t0 + j) * H
-            m_t, p_t = tl.where(t0 + j < T, M, 0), tl.where(t0 + j < T, P, 0)   # nothing at t >= T
-            q_t = tl.load(q + row_t * M + m, mask=m < m_t, other=0.0).to(tl.float32)
-            dy_t = tl.load(dy + row_t * P + p, mask=p < p_t, other=0.0).to(tl.float32)
-            a_t = tl.exp(tl.load(g + row_t * GM + gm, mask=m < m_t, other=0.0).to(tl.float32))
+            q_t, dy_t, a_t = tiles.step(q, dy, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
             decay = tl.where(l[:, None] == j, 1.0, decay * a_t[None, :])
             A_t = tl.sum(beta_a * q_t[None, :] * decay, 1)               # A_a[t, :]
             dx_a += A_t[:, None] * dy_t[None, :]
             x_dy = tl.sum(x_a * dy_t[None, :], 1)                         # x_s . dy_t
             dbeta_a += x_dy[:, None] * q_t[None, :] * decay
-        tl.store(dx + row[:, None] * P + p[None, :], dx_a.to(dx.dtype.element_ty), mask=pk)
-        tl.store(dbeta + row[:, None] * M + m[None, :], dbeta_a, mask=mk)
+        tiles.store_rows(dx, row, p, P, dx_a, pk)
+        tiles.store_rows(dbeta, row, m, M, dbeta_a, mk)
         # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held through it
-        q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
-        dy_a = tl.load(dy + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
+        q_a = tiles.rows(q, row, m, M, mk)
+        dy_a = tiles.rows(dy, row, p, P, pk)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a, input_precision=PREC)
 
 
@@ -313,62 +350,44 @@ def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: 
     Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h = (bh // H).to(tl.int64), bh % H
-    l, m, p = tl.arange(0, L), mb * BM + tl.arange(0, BM), tl.arange(0, BP)
-    m_ok, p_ok = m < M, p < P
-    if GM == 1:
-        gm = m * 0
-    else:
-        gm = m
-    row0 = b * T * H + h
-    ok = m_ok[:, None] & p_ok[None, :]
-    tile = m[:, None] * P + p[None, :]
-    W = tl.load(states + ((b * H + h) * n + c) * M * P + tile, mask=ok, other=0.0)
+    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    row0, l = b * T * H + h, tl.arange(0, L)
+    W = tiles.matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     later = (m[:, None] < tl.where(c > 0, M, 0)) & p_ok[None, :]     # E[c-1], or dS_initial at c = 0
     first = (m[:, None] < tl.where(c == 0, M, 0)) & p_ok[None, :]
-    E_prev = (tl.load(E + ((b * H + h) * n + c - 1) * M * P + tile, mask=later, other=0.0)
-              + tl.load(dS0 + (b * H + h) * M * P + tile, mask=first, other=0.0))
+    E_prev = (tiles.matrix(E, (b * H + h) * n + c - 1, m, p, later, M, P)
+              + tiles.matrix(dS0, b * H + h, m, p, first, M, P))
     K = tl.sum(W * E_prev, 1)                                        # dg at the chunk's first step
     if GM == 1:
         dg += mb.to(tl.int64) * tl.num_programs(1) * T
     for a in range(C // L):
         t0 = c * C + a * L
-        t_ok = t0 + l < T
-        row = row0 + (t0 + l) * H
-        mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
-        g_a = tl.load(g + row[:, None] * GM + gm[None, :], mask=mk, other=0.0).to(tl.float32)
-        beta_a = tl.load(beta + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
-        x_a = tl.load(x + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        dy_a = tl.load(dy + row[:, None] * P + p[None, :], mask=pk, other=0.0).to(tl.float32)
-        Gl = tl.cumsum(g_a, 0)
-        Gl_end = tl.sum(tl.where(l[:, None] == L - 1, Gl, 0.0), 0)
+        row, t_ok, mk, pk, g_a = tiles.sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        Gl, Gl_end = tiles.decays(g_a, L)
+        beta_a = tiles.rows(beta, row, m, M, mk)
+        x_a, dy_a = tiles.rows(x, row, p, P, pk), tiles.rows(dy, row, p, P, pk)
         dq_a = tl.exp(Gl) * tl.dot(dy_a, tl.trans(W), input_precision=PREC)
         # diagonal block, pairwise, one earlier step s = t0 + j at a time:
         #   dq_ti += (dy_t . x_s) beta_si e^{Gl_ti - Gl_si}   (s <= t);
         # from the last s, decay[t] = e^{Gl_t - Gl_s} (t >= s) shrinking as in stage 3
-        decay = tl.zeros([L, BM], tl.float32)
-        a_next = tl.zeros([BM], tl.float32)
+        decay, a_next = tl.zeros([L, BM], tl.float32), tl.zeros([BM], tl.float32)
         for jj in range(L):
             j = L - 1 - jj
-            row_s = row0 + (t0 + j) * H
-            m_s, p_s = tl.where(t0 + j < T, M, 0), tl.where(t0 + j < T, P, 0)   # nothing at s >= T
-            beta_s = tl.load(beta + row_s * M + m, mask=m < m_s, other=0.0).to(tl.float32)
-            x_s = tl.load(x + row_s * P + p, mask=p < p_s, other=0.0).to(tl.float32)
-            decay = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :])
-            a_next = tl.exp(tl.load(g + row_s * GM + gm, mask=m < m_s, other=0.0).to(tl.float32))
+            beta_s, x_s, a_s = tiles.step(beta, x, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
+            decay, a_next = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :]), a_s
             dy_x = tl.sum(dy_a * x_s[None, :], 1)                         # dy_t . x_s
             dq_a += dy_x[:, None] * beta_s[None, :] * decay
-        tl.store(dq + row[:, None] * M + m[None, :], dq_a.to(dq.dtype.element_ty), mask=mk)
+        tiles.store_rows(dq, row, m, M, dq_a, mk)
         # the decay gradient: dG in registers, its chunk-local exclusive prefix sum taken from K
-        q_a = tl.load(q + row[:, None] * M + m[None, :], mask=mk, other=0.0).to(tl.float32)
-        dbeta_a = tl.load(dbeta + row[:, None] * M + m[None, :], mask=mk, other=0.0)
+        q_a = tiles.rows(q, row, m, M, mk)
+        dbeta_a = tiles.rows(dbeta, row, m, M, mk)
         dG = q_a * dq_a - beta_a * dbeta_a
         dg_a = K[None, :] - (tl.cumsum(dG, 0) - dG)
         K -= tl.sum(dG, 0)
         if GM == 1:
             tl.store(dg + row, tl.sum(dg_a, 1).to(dg.dtype.element_ty), mask=t_ok)
         else:
-            tl.store(dg + row[:, None] * M + m[None, :], dg_a.to(dg.dtype.element_ty), mask=mk)
+            tiles.store_rows(dg, row, m, M, dg_a, mk)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)), x_a,
                                                   input_precision=PREC)
 
@@ -516,9 +535,7 @@ def _step_dense(S, x, g, beta, q, y, M: tl.constexpr, P: tl.constexpr, BM: tl.co
     for m0 in range(0, M, BM):
         m = m0 + tl.arange(0, BM)
         m_ok = m < M
-        g_ = tl.load(g + bh * M + m, mask=m_ok, other=0.0).to(tl.float32)
-        beta_ = tl.load(beta + bh * M + m, mask=m_ok, other=0.0).to(tl.float32)
-        q_ = tl.load(q + bh * M + m, mask=m_ok, other=0.0).to(tl.float32)
+        g_, beta_, q_ = tiles.gates(g, beta, q, bh * M + m, m_ok)
         rows = S + (bh * M + m[:, None]) * P + p[None, :]
         ok = m_ok[:, None] & p_ok[None, :]
         S_ = tl.exp(g_)[:, None] * tl.load(rows, mask=ok, other=0.0) + beta_[:, None] * x_[None, :]
@@ -538,9 +555,7 @@ def _step_sparse(S, x, g, beta, q, idx, y, H, M, K, P: tl.constexpr, BK: tl.cons
     k_ok, p_ok = k < K, p < P
     slot = tl.load(idx + (bh // H) * K + k, mask=k_ok, other=0)
     x_ = tl.load(x + bh * P + p, mask=p_ok, other=0.0).to(tl.float32)
-    g_ = tl.load(g + bh * K + k, mask=k_ok, other=0.0).to(tl.float32)
-    beta_ = tl.load(beta + bh * K + k, mask=k_ok, other=0.0).to(tl.float32)
-    q_ = tl.load(q + bh * K + k, mask=k_ok, other=0.0).to(tl.float32)
+    g_, beta_, q_ = tiles.gates(g, beta, q, bh * K + k, k_ok)
     rows = S + (bh * M + slot[:, None]) * P + p[None, :]
     ok = k_ok[:, None] & p_ok[None, :]
     S_ = tl.exp(g_)[:, None] * tl.load(rows, mask=ok, other=0.0) + beta_[:, None] * x_[None, :]

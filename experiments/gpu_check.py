@@ -76,6 +76,18 @@ TRAIN = (f"{PY} train.py config/shakespeare_char_gpu.py --device=cuda --dtype=bf
          f"--eval_iters=2 --log_interval=5 --always_save_checkpoint=False")
 
 
+def subcommand(name, call, budget_s, cuda, what):
+    """A step running this file's subcommand `name` (env, graph_breaks, train_summary) on {res}."""
+    return Step(name, call, budget_s, cuda, f"{PY} -m experiments.gpu_check {name} {{res}}", what)
+
+
+def scan_step(dtype, budget_s, what):
+    """Our Triton scan alone (--impls=ours) in `dtype` at SCAN's shape -> scan_<bf16|fp32>.json."""
+    name = 'scan_' + {'bfloat16': 'bf16', 'float32': 'fp32'}[dtype]
+    return Step(name, 1, budget_s, True,
+                f"{SCAN} --dtype={dtype} --impls=ours --json={{res}}/{name}.json", what)
+
+
 def train_step(mixer, T):
     batch = 16 * 1024 // T                     # 16,384 tokens per iteration at every T
     out = f"out-gpu/{mixer}_T{T}"
@@ -88,22 +100,20 @@ def train_step(mixer, T):
 
 
 STEPS = [
-    Step('env', 1, 10, False, f"{PY} -m experiments.gpu_check env {{res}}",
-         'versions, GPU, driver, commit -> env.json'),
+    subcommand('env', 1, 10, False, 'versions, GPU, driver, commit -> env.json'),
     Step('pytest_cuda', 1, 150, True,      # 8 xdist workers where pytest-xdist is (the JIT compiles in parallel)
          f"{PY} -m pytest -q -rs -p no:cacheprovider $({PY} -c 'import xdist' 2>/dev/null && printf -- '-n 8') "
          f"tests/test_cuda.py --junitxml={{res}}/pytest_cuda.xml",
          'tests/test_cuda.py only: scan vs scan_naive (fwd, every gradient), decode steps, LM on CUDA = CPU'),
-    Step('scan_bf16', 1, 50, True, f"{SCAN} --dtype=bfloat16 --impls=ours --json={{res}}/scan_bf16.json",
-         'our Triton scan fwd and fwd+bwd vs the chunked scan, bf16, B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
-    Step('scan_fp32', 1, 45, True, f"{SCAN} --dtype=float32 --impls=ours --json={{res}}/scan_fp32.json",
-         'the same in fp32'),
+    scan_step('bfloat16', 50, 'our Triton scan fwd and fwd+bwd vs the chunked scan, bf16, '
+                              'B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
+    scan_step('float32', 45, 'the same in fp32'),
     Step('decode', 2, 50, True,
          f"{PY} -m experiments.bench decode --device=cuda --slots=1024,4096,16384 --slot_top_k=16 "
          f"--contexts=1024,8192,32768 --tokens=20 --slot_repeats=30 --json={{res}}/decode.json",
          'sparse vs dense decode step as m grows; per-token latency vs context'),
-    Step('graph_breaks', 2, 35, True, f"{PY} -m experiments.gpu_check graph_breaks {{res}}",
-         "torch._dynamo.explain of each mixer's training forward on CUDA -> graph_breaks.json"),
+    subcommand('graph_breaks', 2, 35, True,
+               "torch._dynamo.explain of each mixer's training forward on CUDA -> graph_breaks.json"),
     Step('install_peers', 2, 15, False, f"{PY} -m experiments.gpu_check install_peers",
          'fla-core and mamba_ssm (Triton kernels only) from .gpu_carry/whl into ' + SITE),
     Step('peers_autotune', 2, 90, True,
@@ -120,8 +130,8 @@ STEPS = [
          'tiny-Shakespeare characters for train.py (the text from .gpu_carry)'),
     train_step('fm_sparse', 1024), train_step('attention', 1024),
     train_step('fm_sparse', 8192), train_step('attention', 8192),
-    Step('train_summary', 3, 5, False, f"{PY} -m experiments.gpu_check train_summary {{res}}",
-         'tokens/s and MFU of each run, fm_sparse / attention -> train.json'),
+    subcommand('train_summary', 3, 5, False,
+               'tokens/s and MFU of each run, fm_sparse / attention -> train.json'),
     Step('sanitizer', 3, 45, True,
          f"PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 "
          f"{PY} -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "
