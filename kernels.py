@@ -59,7 +59,7 @@ Where this file differs from scan.py's scan_chunked, and why:
 
 Each stage is one @triton.jit kernel; the index, mask and load code they share (program to slots
 and columns, sub-chunk rows and masks, tile and row loads) is in small device helpers that Triton
-inlines, reached as tiles.<name> (a namespace, so the module's @triton.jit globals are the kernels).
+inlines, named _tile_* (every other @triton.jit in this file is a launched kernel).
 
 Slots never mix in the recurrence, so each program takes a block of BM slots (grid axis 2): the
 state W (BM x P, fp32) stays in registers. On sm_90 the model's M = 64 (at P <= 64) is one block
@@ -76,7 +76,6 @@ scan_triton and the decode steps are torch.compile boundaries (torch.compiler.di
 compiled model runs them eagerly. On CPU tensors the kernels run only under the Triton
 interpreter (TRITON_INTERPRET=1 set before triton is first imported).
 """
-import types
 
 import torch
 import triton
@@ -99,19 +98,11 @@ STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 regi
 # -----------------------------------------------------------------------------
 
 # Shared tile loaders, not stages: the index, mask and load code the kernels have in common, as
-# small @triton.jit device helpers (Triton inlines them where they are called). The kernels call
-# them as tiles.<name>; kept in that namespace, not as module globals, this module's @triton.jit
-# globals are exactly the launched kernels (tests/test_kernels_compile_gputarget.py compiles each).
-tiles = types.ModuleType('kernels.tiles', 'Shared tile loaders of the kernels (device helpers).')
+# small @triton.jit device helpers named _tile_* (Triton inlines them where they are called).
 
 
-def _tile_loader(fn):
-    """Decorator: triton.jit(fn) becomes tiles.<fn's name>; the module-level name is left None."""
-    setattr(tiles, fn.__name__, triton.jit(fn))
-
-
-@_tile_loader
-def block(bh, mb, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
+@triton.jit
+def _tile_block(bh, mb, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
           GM: tl.constexpr):
     """Program (bh, mb)'s b (int64), h, slots m, columns p, their masks, g's column gm per slot."""
     b, h = (bh // H).to(tl.int64), bh % H
@@ -123,43 +114,44 @@ def block(bh, mb, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BP: tl.
     return b, h, m, p, m < M, p < P, gm
 
 
-@_tile_loader
-def matrix(ptr, i, m, p, mask, M: tl.constexpr, P: tl.constexpr):
+@triton.jit
+def _tile_matrix(ptr, i, m, p, mask, M: tl.constexpr, P: tl.constexpr):
     """Rows m, columns p of the i-th (M, P) fp32 matrix of the stack at ptr, 0 where not mask."""
     return tl.load(ptr + (i * M + m[:, None]) * P + p[None, :], mask=mask, other=0.0)
 
 
-@_tile_loader
-def rows(ptr, row, col, N: tl.constexpr, mask):
+@triton.jit
+def _tile_rows(ptr, row, col, N: tl.constexpr, mask):
     """Columns col of rows row of ptr's (..., N) rows, an (L, len(col)) tile in fp32, 0 off mask."""
     return tl.load(ptr + row[:, None] * N + col[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
-@_tile_loader
-def store_rows(ptr, row, col, N: tl.constexpr, val, mask):
+@triton.jit
+def _tile_store_rows(ptr, row, col, N: tl.constexpr, val, mask):
     """Stores val at columns col of rows row of ptr's (..., N) rows, in ptr's dtype, where mask."""
     tl.store(ptr + row[:, None] * N + col[None, :], val.to(ptr.dtype.element_ty), mask=mask)
 
 
-@_tile_loader
-def sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM: tl.constexpr, L: tl.constexpr):
+@triton.jit
+def _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM: tl.constexpr, L: tl.constexpr):
     """Sub-chunk steps t = t0..t0+L-1: their rows, t < T, the (L,BM) and (L,BP) masks, and g_a."""
     l = tl.arange(0, L)
     t_ok = t0 + l < T
     row = row0 + (t0 + l) * H
     mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
-    return row, t_ok, mk, pk, tiles.rows(g, row, gm, GM, mk)
+    return row, t_ok, mk, pk, _tile_rows(g, row, gm, GM, mk)
 
 
-@_tile_loader
-def decays(g_a, L: tl.constexpr):
+@triton.jit
+def _tile_decays(g_a, L: tl.constexpr):
     """Gl = G - G_r (g_a's cumsum over the sub-chunk: the decay since its start) and Gl_end."""
     Gl = tl.cumsum(g_a, 0)
     return Gl, tl.sum(tl.where(tl.arange(0, L)[:, None] == L - 1, Gl, 0.0), 0)
 
 
-@_tile_loader
-def step(k, u, g, row0, t, T, H, m, p, gm, M: tl.constexpr, P: tl.constexpr, GM: tl.constexpr):
+@triton.jit
+def _tile_step(k, u, g, row0, t, T, H, m, p, gm, M: tl.constexpr, P: tl.constexpr,
+               GM: tl.constexpr):
     """Step t's k (slots m), u (columns p) and e^{g_t}, in fp32: 0, 0 and 1 at t >= T."""
     row = row0 + t * H
     m_t, p_t = tl.where(t < T, M, 0), tl.where(t < T, P, 0)         # nothing at t >= T
@@ -168,8 +160,8 @@ def step(k, u, g, row0, t, T, H, m, p, gm, M: tl.constexpr, P: tl.constexpr, GM:
     return k_t, u_t, tl.exp(tl.load(g + row * GM + gm, mask=m < m_t, other=0.0).to(tl.float32))
 
 
-@_tile_loader
-def gates(g, beta, q, i, mask):
+@triton.jit
+def _tile_gates(g, beta, q, i, mask):
     """The decode steps' g, beta and q at offsets i, as fp32, 0 where not mask."""
     return (tl.load(g + i, mask=mask, other=0.0).to(tl.float32),
             tl.load(beta + i, mask=mask, other=0.0).to(tl.float32),
@@ -191,7 +183,7 @@ def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM
     forward only: Gc (B,H,n,GM) fp32 <- G_C, the chunk's total decay. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
     row0 = b * T * H + h
     acc = tl.zeros([BM, BP], tl.float32)
     G_C = tl.zeros([BM], tl.float32)
@@ -200,10 +192,10 @@ def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM
             t0 = c * C + (C // L - 1 - i) * L
         else:
             t0 = c * C + i * L
-        row, t_ok, mk, pk, g_a = tiles.sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
-        k_a = tiles.rows(k, row, m, M, mk)
-        u_a = tiles.rows(u, row, p, P, pk)
-        Gl, Gl_end = tiles.decays(g_a, L)
+        row, t_ok, mk, pk, g_a = _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        k_a = _tile_rows(k, row, m, M, mk)
+        u_a = _tile_rows(u, row, p, P, pk)
+        Gl, Gl_end = _tile_decays(g_a, L)
         if REVERSE:
             k_a = k_a * tl.exp(Gl)
         else:
@@ -231,7 +223,7 @@ def _state_pass(states, Gc, S0, S_last, H, n, M: tl.constexpr, P: tl.constexpr, 
     states (B,H,n,M,P) fp32: dS_c (dD_c) in, S_in[c] (E[c]) out; Gc (B,H,n,GM) fp32;
     S0 in, S_last out (B,H,M,P) fp32: S_final, or dS_initial when REVERSE. Grid (B*H, cdiv(M,BM))."""
     bh, mb = tl.program_id(0), tl.program_id(1)
-    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
     ok = m_ok[:, None] & p_ok[None, :]
     mp = m[:, None] * P + p[None, :]
     chunk0 = states + (b * H + h) * n * M * P + mp
@@ -261,16 +253,16 @@ def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.con
     each block's share. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
     row0, l = b * T * H + h, tl.arange(0, L)
     y += mb.to(tl.int64) * tl.num_programs(1) * T * P
-    W = tiles.matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
+    W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     for a in range(C // L):
         t0 = c * C + a * L
-        row, t_ok, mk, pk, g_a = tiles.sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
-        Gl, Gl_end = tiles.decays(g_a, L)
-        beta_a, q_a = tiles.rows(beta, row, m, M, mk), tiles.rows(q, row, m, M, mk)
-        x_a = tiles.rows(x, row, p, P, pk)
+        row, t_ok, mk, pk, g_a = _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        Gl, Gl_end = _tile_decays(g_a, L)
+        beta_a, q_a = _tile_rows(beta, row, m, M, mk), _tile_rows(q, row, m, M, mk)
+        x_a = _tile_rows(x, row, p, P, pk)
         y_a = tl.dot(q_a * tl.exp(Gl), W, input_precision=PREC)
         # diagonal block, pairwise, one column s = t0 + j of A_a at a time, from the last (no
         # L x L x BM tile): decay[t] = e^{Gl_t - Gl_s} (t >= s, else 0) is the next column's times
@@ -278,11 +270,11 @@ def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.con
         decay, a_next = tl.zeros([L, BM], tl.float32), tl.zeros([BM], tl.float32)
         for jj in range(L):
             j = L - 1 - jj
-            beta_s, x_s, a_s = tiles.step(beta, x, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
+            beta_s, x_s, a_s = _tile_step(beta, x, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
             decay, a_next = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :]), a_s
             A_s = tl.sum(q_a * beta_s[None, :] * decay, 1)               # A_a[:, s]
             y_a += A_s[:, None] * x_s[None, :]
-        tiles.store_rows(y, row, p, P, y_a, pk)
+        _tile_store_rows(y, row, p, P, y_a, pk)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)), x_a,
                                                   input_precision=PREC)
 
@@ -300,16 +292,16 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
     dbeta <- (B,T,H,M) fp32. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
     row0, l = b * T * H + h, tl.arange(0, L)
-    W = tiles.matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
+    W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     dx += mb.to(tl.int64) * tl.num_programs(1) * T * P
     for i in range(C // L):
         t0 = c * C + (C // L - 1 - i) * L
-        row, t_ok, mk, pk, g_a = tiles.sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
-        Gl, Gl_end = tiles.decays(g_a, L)
-        beta_a = tiles.rows(beta, row, m, M, mk)
-        x_a = tiles.rows(x, row, p, P, pk)
+        row, t_ok, mk, pk, g_a = _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        Gl, Gl_end = _tile_decays(g_a, L)
+        beta_a = _tile_rows(beta, row, m, M, mk)
+        x_a = _tile_rows(x, row, p, P, pk)
         decay_r = tl.exp(Gl_end[None, :] - Gl)
         dx_a = tl.dot(beta_a * decay_r, W, input_precision=PREC)
         dbeta_a = decay_r * tl.dot(x_a, tl.trans(W), input_precision=PREC)
@@ -318,17 +310,17 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
         # decay[s] = e^{Gl_t - Gl_s} (s <= t, else 0): the last step's times e^{g_t} <= 1, 1 at s = t
         decay = tl.zeros([L, BM], tl.float32)
         for j in range(L):
-            q_t, dy_t, a_t = tiles.step(q, dy, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
+            q_t, dy_t, a_t = _tile_step(q, dy, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
             decay = tl.where(l[:, None] == j, 1.0, decay * a_t[None, :])
             A_t = tl.sum(beta_a * q_t[None, :] * decay, 1)               # A_a[t, :]
             dx_a += A_t[:, None] * dy_t[None, :]
             x_dy = tl.sum(x_a * dy_t[None, :], 1)                         # x_s . dy_t
             dbeta_a += x_dy[:, None] * q_t[None, :] * decay
-        tiles.store_rows(dx, row, p, P, dx_a, pk)
-        tiles.store_rows(dbeta, row, m, M, dbeta_a, mk)
+        _tile_store_rows(dx, row, p, P, dx_a, pk)
+        _tile_store_rows(dbeta, row, m, M, dbeta_a, mk)
         # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held through it
-        q_a = tiles.rows(q, row, m, M, mk)
-        dy_a = tiles.rows(dy, row, p, P, pk)
+        q_a = _tile_rows(q, row, m, M, mk)
+        dy_a = _tile_rows(dy, row, p, P, pk)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a, input_precision=PREC)
 
 
@@ -350,22 +342,22 @@ def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: 
     Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h, m, p, m_ok, p_ok, gm = tiles.block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
     row0, l = b * T * H + h, tl.arange(0, L)
-    W = tiles.matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
+    W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     later = (m[:, None] < tl.where(c > 0, M, 0)) & p_ok[None, :]     # E[c-1], or dS_initial at c = 0
     first = (m[:, None] < tl.where(c == 0, M, 0)) & p_ok[None, :]
-    E_prev = (tiles.matrix(E, (b * H + h) * n + c - 1, m, p, later, M, P)
-              + tiles.matrix(dS0, b * H + h, m, p, first, M, P))
+    E_prev = (_tile_matrix(E, (b * H + h) * n + c - 1, m, p, later, M, P)
+              + _tile_matrix(dS0, b * H + h, m, p, first, M, P))
     K = tl.sum(W * E_prev, 1)                                        # dg at the chunk's first step
     if GM == 1:
         dg += mb.to(tl.int64) * tl.num_programs(1) * T
     for a in range(C // L):
         t0 = c * C + a * L
-        row, t_ok, mk, pk, g_a = tiles.sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
-        Gl, Gl_end = tiles.decays(g_a, L)
-        beta_a = tiles.rows(beta, row, m, M, mk)
-        x_a, dy_a = tiles.rows(x, row, p, P, pk), tiles.rows(dy, row, p, P, pk)
+        row, t_ok, mk, pk, g_a = _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        Gl, Gl_end = _tile_decays(g_a, L)
+        beta_a = _tile_rows(beta, row, m, M, mk)
+        x_a, dy_a = _tile_rows(x, row, p, P, pk), _tile_rows(dy, row, p, P, pk)
         dq_a = tl.exp(Gl) * tl.dot(dy_a, tl.trans(W), input_precision=PREC)
         # diagonal block, pairwise, one earlier step s = t0 + j at a time:
         #   dq_ti += (dy_t . x_s) beta_si e^{Gl_ti - Gl_si}   (s <= t);
@@ -373,21 +365,21 @@ def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: 
         decay, a_next = tl.zeros([L, BM], tl.float32), tl.zeros([BM], tl.float32)
         for jj in range(L):
             j = L - 1 - jj
-            beta_s, x_s, a_s = tiles.step(beta, x, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
+            beta_s, x_s, a_s = _tile_step(beta, x, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
             decay, a_next = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :]), a_s
             dy_x = tl.sum(dy_a * x_s[None, :], 1)                         # dy_t . x_s
             dq_a += dy_x[:, None] * beta_s[None, :] * decay
-        tiles.store_rows(dq, row, m, M, dq_a, mk)
+        _tile_store_rows(dq, row, m, M, dq_a, mk)
         # the decay gradient: dG in registers, its chunk-local exclusive prefix sum taken from K
-        q_a = tiles.rows(q, row, m, M, mk)
-        dbeta_a = tiles.rows(dbeta, row, m, M, mk)
+        q_a = _tile_rows(q, row, m, M, mk)
+        dbeta_a = _tile_rows(dbeta, row, m, M, mk)
         dG = q_a * dq_a - beta_a * dbeta_a
         dg_a = K[None, :] - (tl.cumsum(dG, 0) - dG)
         K -= tl.sum(dG, 0)
         if GM == 1:
             tl.store(dg + row, tl.sum(dg_a, 1).to(dg.dtype.element_ty), mask=t_ok)
         else:
-            tiles.store_rows(dg, row, m, M, dg_a, mk)
+            _tile_store_rows(dg, row, m, M, dg_a, mk)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)), x_a,
                                                   input_precision=PREC)
 
@@ -535,7 +527,7 @@ def _step_dense(S, x, g, beta, q, y, M: tl.constexpr, P: tl.constexpr, BM: tl.co
     for m0 in range(0, M, BM):
         m = m0 + tl.arange(0, BM)
         m_ok = m < M
-        g_, beta_, q_ = tiles.gates(g, beta, q, bh * M + m, m_ok)
+        g_, beta_, q_ = _tile_gates(g, beta, q, bh * M + m, m_ok)
         rows = S + (bh * M + m[:, None]) * P + p[None, :]
         ok = m_ok[:, None] & p_ok[None, :]
         S_ = tl.exp(g_)[:, None] * tl.load(rows, mask=ok, other=0.0) + beta_[:, None] * x_[None, :]
@@ -555,7 +547,7 @@ def _step_sparse(S, x, g, beta, q, idx, y, H, M, K, P: tl.constexpr, BK: tl.cons
     k_ok, p_ok = k < K, p < P
     slot = tl.load(idx + (bh // H) * K + k, mask=k_ok, other=0)
     x_ = tl.load(x + bh * P + p, mask=p_ok, other=0.0).to(tl.float32)
-    g_, beta_, q_ = tiles.gates(g, beta, q, bh * K + k, k_ok)
+    g_, beta_, q_ = _tile_gates(g, beta, q, bh * K + k, k_ok)
     rows = S + (bh * M + slot[:, None]) * P + p[None, :]
     ok = k_ok[:, None] & p_ok[None, :]
     S_ = tl.exp(g_)[:, None] * tl.load(rows, mask=ok, other=0.0) + beta_[:, None] * x_[None, :]
