@@ -106,8 +106,9 @@ def load_ssd_minimal(path):
     return ns['ssd_minimal_discrete']
 
 
-def scan_impls(cfg, device):
-    """{name: (decay kind, fn(x, g, beta, q) -> (y, state))}: 'slot' takes per-slot g (B,T,H,M) (FM),
+def contenders(cfg, device):
+    """The scans to time (not a dispatcher: model.scan_impls picks the one a model runs):
+    {name: (decay kind, fn(x, g, beta, q) -> (y, state))}; 'slot' takes per-slot g (B,T,H,M) (FM),
     'scalar' one decay per head, g (B,T,H,1) (Mamba-2)."""
     C = cfg.chunk_size
     chunked = lambda x, g, beta, q: scan.scan_chunked(x, g, beta, q, chunk_size=C)
@@ -324,7 +325,7 @@ def bench_scan(cfg):
     print(f"scan benchmark on {device}, torch {torch.__version__}, {threads} threads", flush=True)
 
     rows = Rows(cfg.json)
-    for name, (decay, fn) in pick_impls(scan_impls(cfg, device), cfg.impls).items():
+    for name, (decay, fn) in pick_impls(contenders(cfg, device), cfg.impls).items():
         args = inputs[decay]
         def fwd():
             with torch.no_grad():
