@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from model import LM, KVCache, ModelConfig, router_health
+from model import LM, KVCache, ModelConfig, router_health, router_usage
 
 DEFAULT_MODELS = ','.join([
     'attention',
@@ -278,13 +278,27 @@ def evaluate(model, cfg):
 @torch.no_grad()
 def router_health_on_task(model, cfg):
     """model.router_health per layer over held-out sequences at the largest pair count (padding
-    included: it is routed too); None for a mixer without a router."""
+    included: it is routed too); None for a mixer without a router. For fm_sparse each layer
+    also gets 'read_write_overlap': the mean share of a query key's k slots that are among the
+    k slots its pair's value was written to (the token after the key's first occurrence; the
+    conv lets that token see the key), against chance k/m. Recall through the memory needs it
+    high: a query reads only its k slots."""
     if model.config.mixer not in ('fm', 'fm_sparse'):
         return None
     gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
-    x, _ = mqar_batch(torch.full((64,), max(pair_counts(cfg))), cfg.seq_len, cfg.num_keys,
-                      cfg.num_values, gen)
-    return router_health(model, x)
+    n = max(pair_counts(cfg))
+    x, y = mqar_batch(torch.full((64,), n), cfg.seq_len, cfg.num_keys, cfg.num_values, gen)
+    stats = router_health(model, x)
+    if model.config.mixer != 'fm_sparse':
+        return stats
+    b, t = (y >= 0).nonzero(as_tuple=True)                         # query key positions
+    first = (x[b, :2 * n:2] == x[b, t][:, None]).float().argmax(-1) * 2   # its first occurrence
+    for s, (_, w) in zip(stats, router_usage(model, x)):
+        sel = w > 0                                                # (B,T,M) the k chosen slots
+        both = (sel[b, t] & sel[b, first + 1]).sum(-1).float()     # query vs its value's write
+        s['read_write_overlap'] = round((both / model.config.top_k).mean().item(), 4)
+        s['overlap_chance'] = round(model.config.top_k / model.config.n_slots, 4)
+    return stats
 
 
 def touched_bytes(model, caches):
