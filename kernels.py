@@ -11,22 +11,28 @@ The stages are scan.py's scan_chunked stages, with its symbols: chunks of C step
 g_s over s <= t inside a chunk, G_C its total, S_in[c] the state entering chunk c.
 
   kernel                 scan.py stage      computes
-  _chunk_state           1. chunk state     dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s, and G_C
-  _state_pass            2. state pass      S_in[c+1] = e^{G_C} * S_in[c] + dS_c   (sequential over c)
-  _chunk_output_fwd      3. chunk output    y_t = (q_t * e^{G_t}) S_in[c] + sum_{s<=t in c} A[t,s] x_s
+  _chunk_state           1. chunk state     dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s,
+                                             and G_C
+  _state_pass            2. state pass      S_in[c+1] = e^{G_C} * S_in[c] + dS_c
+                                             (sequential over c)
+  _chunk_output_fwd      3. chunk output    y_t = (q_t * e^{G_t}) S_in[c]
+                                                  + sum_{s<=t in c} A[t,s] x_s
                                              A[t,s] = sum_i q_ti beta_si e^{G_ti - G_si}
   backward (the adjoint D_t = dL/dS_t runs the same recurrence in reverse,
             D_t = e^{g_{t+1}} * D_{t+1} + q_t dy_t^T, dx_t = D_t^T beta_t, dbeta_t = D_t x_t):
   _chunk_state REVERSE   1, q for beta      dD_c = sum_s (q_s * e^{G_s})^T dy_s
-  _state_pass REVERSE    2, backwards       E[c] = adjoint at chunk c's end from later chunks; dS_initial
+  _state_pass REVERSE    2, backwards       E[c] = adjoint at chunk c's end from later chunks;
+                                             dS_initial
   _chunk_dx_dbeta_bwd    3, reversed        dx, dbeta (a reverse sweep over sub-chunks from E[c])
-  _chunk_dq_dg_bwd       3, reading states  dq_t = S_t dy_t; dg_t = sum_{t' >= t} (q*dq - beta*dbeta)_t'
+  _chunk_dq_dg_bwd       3, reading states  dq_t = S_t dy_t;
+                                             dg_t = sum_{t' >= t} (q*dq - beta*dbeta)_t'
 
 Stage 3 and its backward sweeps cut the chunk into sub-chunks of L = 16 steps and carry a state
 W across them, held at the step r before each sub-chunk a (W = S_in[c] at a = 0), as scan.py's
 stage 3 does with its W:
 
-    y_a = (q_a * e^{G_a - G_r}) W + A_a x_a          W <- e^{G_r' - G_r} * W + (beta_a * e^{G_r' - G_a})^T x_a
+    y_a = (q_a * e^{G_a - G_r}) W + A_a x_a
+    W  <- e^{G_r' - G_r} * W + (beta_a * e^{G_r' - G_a})^T x_a
 
 (r' = a's last step), so the off-diagonal sub-block pairs and the state reads and writes are tl.dot
 matmuls (L x BM x P). Every exponent is a difference G_t - G_s with s at or before t, <= 0: a
@@ -82,9 +88,10 @@ import triton
 import triton.language as tl
 
 SUB = 16           # L, the sub-chunk: tl.dot needs every dimension >= 16
-STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 registers a thread; a larger
-                   # tile takes 8 warps (one slot block of 64 x 64), a smaller per-thread share spilled
-                   # nothing either (tests/test_kernels_compile_gputarget.py, results/gpu/aot_resources.json)
+STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 registers a thread; a
+                   # larger tile takes 8 warps (one slot block of 64 x 64), a smaller per-thread
+                   # share spilled nothing either (tests/test_kernels_compile_gputarget.py,
+                   # results/gpu/aot_resources.json)
 
 
 # -----------------------------------------------------------------------------
@@ -175,8 +182,10 @@ def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM
                  BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
                  PREC: tl.constexpr, REVERSE: tl.constexpr):
     """Stage 1, each chunk's own contribution to the state passed between chunks:
-        forward  (k=beta, u=x):  dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s  (seen at the chunk's end)
-        reverse  (k=q,  u=dy):   dD_c = sum_{s in c} (q_s * e^{G_s})^T dy_s         (seen at its start)
+        forward  (k=beta, u=x):  dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s
+                                 (seen at the chunk's end)
+        reverse  (k=q,  u=dy):   dD_c = sum_{s in c} (q_s * e^{G_s})^T dy_s
+                                 (seen at its start)
     accumulated sub-chunk by sub-chunk with the reference at the sub-chunk's end (forward) or
     start (reverse), acc <- e^{Gl_end} * acc + ..., so every exponent is local and <= 0.
     u (B,T,H,P); g (B,T,H,GM); k (B,T,H,M); states (B,H,n,M,P) fp32 <- dS_c or dD_c;
@@ -216,12 +225,14 @@ def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM
 def _state_pass(states, Gc, S0, S_last, H, n, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
                 BP: tl.constexpr, GM: tl.constexpr, REVERSE: tl.constexpr):
     """Stage 2, the recurrence across chunks, in place over `states`:
-        forward:  S_in[c] = S;  S = e^{G_C[c]} * S + dS_c    for c = 0..n-1, from S = S0 (initial state)
-        reverse:  E[c]    = D;  D = e^{G_C[c]} * D + dD_c    for c = n-1..0, from D = S0 (dS_final)
-    After chunk c the reverse D is e^{g_t0} D_t0 (t0 = c's first step), what flows into the state
-    before c: it is stored as E[c-1], and as S_last = dS_initial after chunk 0.
+        forward:  S_in[c] = S;  S = e^{G_C[c]} * S + dS_c    for c = 0..n-1, from S = S0
+        reverse:  E[c]    = D;  D = e^{G_C[c]} * D + dD_c    for c = n-1..0, from D = S0
+    (S0: the initial state forward, dS_final in reverse). After chunk c the reverse D is
+    e^{g_t0} D_t0 (t0 = c's first step), what flows into the state before c: it is stored as
+    E[c-1], and as S_last = dS_initial after chunk 0.
     states (B,H,n,M,P) fp32: dS_c (dD_c) in, S_in[c] (E[c]) out; Gc (B,H,n,GM) fp32;
-    S0 in, S_last out (B,H,M,P) fp32: S_final, or dS_initial when REVERSE. Grid (B*H, cdiv(M,BM))."""
+    S0 in, S_last out (B,H,M,P) fp32: S_final, or dS_initial when REVERSE.
+    Grid (B*H, cdiv(M,BM))."""
     bh, mb = tl.program_id(0), tl.program_id(1)
     b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
     ok = m_ok[:, None] & p_ok[None, :]
@@ -246,7 +257,7 @@ def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.con
                       L: tl.constexpr, PREC: tl.constexpr):
     """Stage 3, y for one chunk and one block of slots, sub-chunk by sub-chunk (a), W held at the
     step r before a (W = S_in[c] at a = 0):
-        y_a = (q_a * e^{Gl_a}) W + A_a x_a,   A_a[t,s] = sum_i q_ti beta_si e^{Gl_ti - Gl_si}, s <= t
+        y_a = (q_a * e^{Gl_a}) W + A_a x_a,  A_a[t,s] = sum_i q_ti beta_si e^{Gl_ti - Gl_si}, s <= t
         W  <- e^{Gl_end} * W + (beta_a * e^{Gl_end - Gl_a})^T x_a
     x (B,T,H,P); g (B,T,H,GM); beta, q (B,T,H,M); states (B,H,n,M,P) fp32 = S_in;
     y <- y_a: (B,T,H,P) in x's dtype with one slot block (M <= 64), else (cdiv(M,BM),B,T,H,P) fp32,
@@ -275,8 +286,8 @@ def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.con
             A_s = tl.sum(q_a * beta_s[None, :] * decay, 1)               # A_a[:, s]
             y_a += A_s[:, None] * x_s[None, :]
         _tile_store_rows(y, row, p, P, y_a, pk)
-        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)), x_a,
-                                                  input_precision=PREC)
+        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)),
+                                                  x_a, input_precision=PREC)
 
 
 @triton.jit
@@ -307,7 +318,8 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
         dbeta_a = decay_r * tl.dot(x_a, tl.trans(W), input_precision=PREC)
         # diagonal block, pairwise, one later step t = t0 + j at a time:
         #   dx_s += A_a[t, s] dy_t,   dbeta_si += (dy_t . x_s) q_ti e^{Gl_ti - Gl_si}   (s <= t)
-        # decay[s] = e^{Gl_t - Gl_s} (s <= t, else 0): the last step's times e^{g_t} <= 1, 1 at s = t
+        # decay[s] = e^{Gl_t - Gl_s} (s <= t, else 0): the last step's times e^{g_t} <= 1,
+        # 1 at s = t
         decay = tl.zeros([L, BM], tl.float32)
         for j in range(L):
             q_t, dy_t, a_t = _tile_step(q, dy, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
@@ -318,10 +330,12 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
             dbeta_a += x_dy[:, None] * q_t[None, :] * decay
         _tile_store_rows(dx, row, p, P, dx_a, pk)
         _tile_store_rows(dbeta, row, m, M, dbeta_a, mk)
-        # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held through it
+        # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held
+        # through it
         q_a = _tile_rows(q, row, m, M, mk)
         dy_a = _tile_rows(dy, row, p, P, pk)
-        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a, input_precision=PREC)
+        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a,
+                                                  input_precision=PREC)
 
 
 @triton.jit
@@ -332,7 +346,8 @@ def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: 
     decay gradient dg_t = sum_{t' >= t} dG_t', dG = q*dq - beta*dbeta:
         dq_a = e^{Gl_a} * (dy_a W^T) + sum_{s<=t in a} e^{Gl_t - Gl_s} * beta_s (dy_t . x_s)
         W   <- e^{Gl_end} * W + (beta_a * e^{Gl_end - Gl_a})^T x_a,        W = S_in[c] at a = 0
-        dg_t = K[c] - sum_{t0c <= t' < t} dG_t',   K[c] = sum_p S_in[c] * E[c-1]  (dS_initial at c = 0)
+        dg_t = K[c] - sum_{t0c <= t' < t} dG_t',   K[c] = sum_p S_in[c] * E[c-1]
+                                                   (dS_initial at c = 0)
     K[c] is dg at the chunk's first step t0c, exactly: dg_t = sum_p (e^{g_t} S_{t-1}) * D_t and
     E[c-1] = e^{g_t0c} D_t0c (the reverse state pass). So every later step's gradient, the final
     state's included, is carried into the chunk by the state pass: no reverse cumsum over T.
@@ -345,7 +360,7 @@ def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: 
     b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
     row0, l = b * T * H + h, tl.arange(0, L)
     W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
-    later = (m[:, None] < tl.where(c > 0, M, 0)) & p_ok[None, :]     # E[c-1], or dS_initial at c = 0
+    later = (m[:, None] < tl.where(c > 0, M, 0)) & p_ok[None, :]     # E[c-1] (dS_initial at c = 0)
     first = (m[:, None] < tl.where(c == 0, M, 0)) & p_ok[None, :]
     E_prev = (_tile_matrix(E, (b * H + h) * n + c - 1, m, p, later, M, P)
               + _tile_matrix(dS0, b * H + h, m, p, first, M, P))
@@ -380,8 +395,8 @@ def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: 
             tl.store(dg + row, tl.sum(dg_a, 1).to(dg.dtype.element_ty), mask=t_ok)
         else:
             _tile_store_rows(dg, row, m, M, dg_a, mk)
-        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)), x_a,
-                                                  input_precision=PREC)
+        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)),
+                                                  x_a, input_precision=PREC)
 
 
 def chunk_meta(M, P, chunk_size, dtype, arch=90):
@@ -393,12 +408,15 @@ def chunk_meta(M, P, chunk_size, dtype, arch=90):
     result and nothing past M or P is stored. On sm_90 (arch >= 90) the state is one slot block up
     to 2 * STATE_TILE elements (M <= 64 at P <= 64), at 8 warps when over STATE_TILE, so y, dx and
     a broadcast dg are written once, in their dtypes. Otherwise, and on sm_80 (where that 8-warp
-    block spills: ptxas, sm_80's mma layouts), blocks of STATE_TILE // BP slots write fp32 shares."""
+    block spills: ptxas, sm_80's mma layouts), blocks of STATE_TILE // BP slots write fp32
+    shares."""
     if not (isinstance(chunk_size, int) and chunk_size >= SUB and chunk_size % SUB == 0):
         raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of {SUB}")
     if M < 1 or P < 1:
-        raise ValueError(f"scan_triton needs M (n_slots) >= 1 and P (head_dim) >= 1, got M={M}, P={P}")
-    # fp32 inputs: 3 tf32 passes give fp32 accuracy on tensor cores; bf16 inputs need no more than tf32
+        raise ValueError(f"scan_triton needs M (n_slots) >= 1 and P (head_dim) >= 1, "
+                         f"got M={M}, P={P}")
+    # fp32 inputs: 3 tf32 passes give fp32 accuracy on tensor cores; bf16 inputs need no more
+    # than tf32
     prec = 'tf32x3' if dtype == torch.float32 else 'tf32'
     BP = max(16, triton.next_power_of_2(P))
     BM = max(16, triton.next_power_of_2(M))
@@ -420,13 +438,15 @@ def _launch(kernel, grid, *args, **meta):
     """Every kernel launch goes through here (the compile test records them to compile exactly
     these launches ahead of time). meta: the kernel's constexprs, filtered by its parameter
     names (_ARG_NAMES, read once), and the launch option num_warps (default 4)."""
-    kernel[grid](*args, **{k: v for k, v in meta.items() if k in _ARG_NAMES[kernel] or k == 'num_warps'})
+    kernel[grid](*args, **{k: v for k, v in meta.items()
+                           if k in _ARG_NAMES[kernel] or k == 'num_warps'})
 
 
 def _require_runnable(t):
     if not t.is_cuda and isinstance(_chunk_state, triton.runtime.JITFunction):
-        raise RuntimeError("kernels.py got CPU tensors: Triton runs on CPU only under its interpreter. Set "
-                           "TRITON_INTERPRET=1 before triton is first imported, or use scan_impl='chunked'.")
+        raise RuntimeError("kernels.py got CPU tensors: Triton runs on CPU only under its "
+                           "interpreter. Set TRITON_INTERPRET=1 before triton is first imported, "
+                           "or use scan_impl='chunked'.")
 
 
 def _compile_boundary(reason):
@@ -448,10 +468,11 @@ class _ScanTriton(torch.autograd.Function):
         M, GM = beta.shape[-1], g.shape[-1]
         meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM)
         C, BM = chunk_size, meta['BM']
-        n, nb = triton.cdiv(T, C), triton.cdiv(M, BM)       # chunks; slot blocks, the last maybe partial
+        n, nb = triton.cdiv(T, C), triton.cdiv(M, BM)  # chunks; slot blocks, the last maybe partial
         x, g, beta, q = (t.contiguous() for t in (x, g, beta, q))
         f32 = dict(device=x.device, dtype=torch.float32)
-        S0 = torch.zeros(B, H, M, P, **f32) if initial_state is None else initial_state.float().contiguous()
+        S0 = (torch.zeros(B, H, M, P, **f32) if initial_state is None else
+              initial_state.float().contiguous())
         states, S_final = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
         Gc = torch.empty(B, H, n, GM, **f32)
         y = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
@@ -487,7 +508,8 @@ class _ScanTriton(torch.autograd.Function):
         _launch(_chunk_state, grid, dy, g, q, E, Gc, T, H, REVERSE=True, **meta)
         _launch(_state_pass, (B * H, nb), E, Gc, dS_final, dS0, H, n, REVERSE=True, **meta)
         _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, dy, E, dx, dbeta, T, H, **meta)
-        _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, dy, S_in, E, dS0, dbeta, dq, dg, T, H, **meta)
+        _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, dy, S_in, E, dS0, dbeta, dq, dg, T, H,
+                **meta)
         if nb > 1:
             dx = dx.sum(0).to(x.dtype)
             if GM == 1:
@@ -515,7 +537,8 @@ def scan_triton(x, g, beta, q, initial_state=None, chunk_size=64):
 # -----------------------------------------------------------------------------
 
 @triton.jit
-def _step_dense(S, x, g, beta, q, y, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr):
+def _step_dense(S, x, g, beta, q, y, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
+                BP: tl.constexpr):
     """One token over all M slots, S updated in place:
         S = e^{g} * S + beta x^T,   y = S^T q
     S (B,H,M,P) fp32; x, y (B,H,P); g, beta, q (B,H,M). Grid (B*H,)."""
@@ -537,7 +560,8 @@ def _step_dense(S, x, g, beta, q, y, M: tl.constexpr, P: tl.constexpr, BM: tl.co
 
 
 @triton.jit
-def _step_sparse(S, x, g, beta, q, idx, y, H, M, K, P: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr):
+def _step_sparse(S, x, g, beta, q, idx, y, H, M, K, P: tl.constexpr, BK: tl.constexpr,
+                 BP: tl.constexpr):
     """One token over the K slots idx shared by all heads, those rows of S updated in place:
         S[idx_k] = e^{g_k} * S[idx_k] + beta_k x,   y = sum_k q_k S[idx_k]
     S (B,H,M,P) fp32; x, y (B,H,P); g, beta, q (B,H,K); idx (B,K) int64. Grid (B*H,).
@@ -574,8 +598,8 @@ def scan_step_triton(state, x, g, beta, q):
     B, H, M, P = state.shape
     S = state.contiguous()
     y = torch.empty(B, H, P, device=x.device, dtype=x.dtype)
-    _launch(_step_dense, (B * H,), S, x.contiguous(), g.expand(B, H, M).contiguous(), beta.contiguous(),
-            q.contiguous(), y, **step_meta(M, P))
+    _launch(_step_dense, (B * H,), S, x.contiguous(), g.expand(B, H, M).contiguous(),
+            beta.contiguous(), q.contiguous(), y, **step_meta(M, P))
     if S is not state:
         state.copy_(S)
     return y, state
@@ -591,8 +615,9 @@ def scan_step_sparse_triton(state, x, g, beta, q, idx):
     K = idx.shape[-1]
     S = state.contiguous()
     y = torch.empty(B, H, P, device=x.device, dtype=x.dtype)
-    _launch(_step_sparse, (B * H,), S, x.contiguous(), g.expand(B, H, K).contiguous(), beta.contiguous(),
-            q.contiguous(), idx.contiguous(), y, H, M, K, **sparse_step_meta(K, P))
+    _launch(_step_sparse, (B * H,), S, x.contiguous(), g.expand(B, H, K).contiguous(),
+            beta.contiguous(), q.contiguous(), idx.contiguous(), y, H, M, K,
+            **sparse_step_meta(K, P))
     if S is not state:
         state.copy_(S)
     return y, state
@@ -600,5 +625,5 @@ def scan_step_sparse_triton(state, x, g, beta, q, idx):
 
 # each kernel's parameter names, read here once rather than at every launch (kernel.arg_names)
 _ARG_NAMES = {k: frozenset(k.arg_names) for k in (_chunk_state, _state_pass, _chunk_output_fwd,
-                                                   _chunk_dx_dbeta_bwd, _chunk_dq_dg_bwd, _step_dense,
-                                                   _step_sparse)}
+                                                   _chunk_dx_dbeta_bwd, _chunk_dq_dg_bwd,
+                                                   _step_dense, _step_sparse)}

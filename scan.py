@@ -364,8 +364,8 @@ class _ScanSlots(torch.autograd.Function):
         # dbeta = e^{G_r' - G} * (x V^T + Q^T (q_from * inv)),   q_from * inv = q e^{G - G_r'}
         dbeta = _add_mm(xV.clone() if wide is not None else xV, Q.transpose(-1, -2), q_from * inv)
         dbeta.mul_(to_end)
-        # 3b. dq (_chunk_dq_dg_bwd), from the saved W: dq = e^{G - G_r} * (dy W^T + Q (b_end * inv)),
-        # b_end * inv = b_to = beta e^{G_r - G}
+        # 3b. dq (_chunk_dq_dg_bwd), from the saved W:
+        # dq = e^{G - G_r} * (dy W^T + Q (b_end * inv)),   b_end * inv = b_to = beta e^{G_r - G}
         dyW = dy_ @ W.transpose(-1, -2)                               # (B,H,n,k,L,M)
         dq = _add_mm(dyW.clone() if wide is not None else dyW, Q, b_end * inv).mul_(from_r)
         if wide is not None:                          # pairwise where the factoring could overflow
