@@ -82,6 +82,10 @@ def test_end_to_end_smoke(tmp_path):
         assert r['state_bytes'] > 0 and r['ms_per_token'] > 0 and len(r['curve']) >= 2
     sparse = d['results'][1]
     assert sparse['touched_bytes'] < sparse['state_bytes']           # k of m rows
+    for s in sparse['router']:                                       # router health, per layer
+        assert 1 <= s['effective'] <= 16 and 0 <= s['read_write_overlap'] <= 1
+        assert s['overlap_chance'] == 4 / 16
+    assert 'router' not in d['results'][0] and 'router' not in d['results'][2]
     assert '| fm_sparse m=16 k=4 |' in (out / 'recall.md').read_text()
 
     # the worker processes (--jobs=2, the default) change nothing but the wall time
