@@ -15,6 +15,7 @@ import sys
 import typing
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from model import LM, ModelConfig
@@ -222,6 +223,22 @@ def train_tokens(ckpt):
     per_iter = c.get('batch_size', 0) * c.get('gradient_accumulation_steps', 1) \
         * ckpt['model_args']['block_size'] * ckpt.get('world_size', 1)
     return int(ckpt['iter_num']) * per_iter
+
+
+def val_tokens(ckpt, data_dir='', prog='error'):
+    """The validation split of the checkpoint's dataset, as an int64 numpy array: from data_dir,
+    else the data_dir it was trained with (relative paths also from the repo root)."""
+    tc = ckpt['config']
+    data_dir = data_dir or tc.get('data_dir', 'data')
+    candidates = [data_dir] if os.path.isabs(data_dir) else \
+        [data_dir, os.path.join(REPO_DIR, data_dir)]
+    for d in candidates:
+        path = os.path.join(d, tc.get('dataset', 'shakespeare_char'), 'val.bin')
+        if os.path.exists(path):
+            return np.array(np.memmap(path, dtype=np.uint16, mode='r'), dtype=np.int64)
+    raise SystemExit(f"{prog}: no val.bin for dataset '{tc.get('dataset')}' under "
+                     f"{' or '.join(candidates)}; prepare it (data/{tc.get('dataset')}/prepare.py) "
+                     "or pass --data_dir")
 
 
 def triton_runs_on(device):

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (REPO_DIR, ints, load_checkpoint, log, model_from_checkpoint, parse_config,
-                    resolve_device, train_tokens)
+from common import (ints, load_checkpoint, log, model_from_checkpoint, parse_config, resolve_device,
+                    train_tokens, val_tokens)
 
 
 @dataclass
@@ -44,22 +44,6 @@ class EvalConfig:
     table: str = 'results/eval.md'
     plot: str = 'results/eval.png'
     json: str = 'results/eval.json'
-
-
-def val_tokens(ckpt, cfg):
-    """The validation split of the checkpoint's dataset as int64 numpy array."""
-    tc = ckpt['config']
-    data_dir = cfg.data_dir or tc.get('data_dir', 'data')
-    candidates = [data_dir]
-    if not os.path.isabs(data_dir):
-        candidates.append(os.path.join(REPO_DIR, data_dir))
-    for d in candidates:
-        path = os.path.join(d, tc.get('dataset', 'shakespeare_char'), 'val.bin')
-        if os.path.exists(path):
-            return np.array(np.memmap(path, dtype=np.uint16, mode='r'), dtype=np.int64)
-    raise SystemExit(f"evaluate.py: no val.bin for dataset '{tc.get('dataset')}' under "
-                     f"{' or '.join(candidates)}; prepare it (data/{tc.get('dataset')}/prepare.py) "
-                     "or pass --data_dir")
 
 
 def windows(data, L, n_tokens):
@@ -112,7 +96,7 @@ def evaluate(cfg):
     for out_dir in out_dirs:
         ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
         model = model_from_checkpoint(ckpt, device, dropout=0.0).eval()
-        data = val_tokens(ckpt, cfg)
+        data = val_tokens(ckpt, cfg.data_dir, 'evaluate.py')
         margs = ckpt['model_args']
         bs = margs['block_size']
         r = {'out_dir': out_dir, 'mixer': margs['mixer'], 'params': model.get_num_params(),

@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from common import load_checkpoint, model_from_checkpoint, parse_config
-from experiments.evaluate import val_tokens
+from common import load_checkpoint, model_from_checkpoint, parse_config, val_tokens
 from model import router_usage, slot_stats
 
 
@@ -51,7 +50,7 @@ def health(out_dir, cfg):
         raise SystemExit(f"router.py: {out_dir} is a {mixer} model; router health is for the FM "
                          "mixers (fm, fm_sparse)")
     model = model_from_checkpoint(ckpt, 'cpu', dropout=0.0).eval()
-    data = torch.from_numpy(val_tokens(ckpt, cfg))
+    data = torch.from_numpy(val_tokens(ckpt, cfg.data_dir, 'router.py'))
     T = model.config.block_size
     n = max(1, cfg.tokens // T)
     starts = np.linspace(0, len(data) - T - 1, n).astype(np.int64)
