@@ -6,7 +6,7 @@ The GPU checklist, in device calls that each finish inside a lease, most valuabl
     python -m experiments.gpu_check --call=1         # on the GPU machine: the steps of call 1 (then 2, 3)
 
 The plan (--dry-run prints it with the commands) is three calls of at most 300 s of steps each,
-720 s in all, so that with the machine's start (a minute or two) it fits 15 minutes of device time:
+690 s in all (at most 720), so that with the machine's start (a minute or two) it fits 15 minutes of device time:
 
     call 1  env, pytest_cuda (tests/test_cuda.py only: CI runs the CPU tests), our scan fwd and
             fwd+bwd in bf16 and fp32 beside the chunked PyTorch scan
