@@ -145,3 +145,22 @@ def poisoned_empty(monkeypatch):
     triton's mode is fixed when it is first imported.)"""
     import kernels
     monkeypatch.setattr(kernels, 'torch', _NaNEmptyTorch())
+
+
+@pytest.fixture
+def scaled_model():
+    """A factory: cfg -> LM(cfg) in eval mode, seeded, with weights larger than the init (std 0.3
+    on every matrix), so every mixer moves the logits a lot and a decode-vs-forward check is not
+    vacuous."""
+    import torch
+    from model import LM
+
+    def make(cfg, seed=0):
+        torch.manual_seed(seed)
+        model = LM(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0, 0.3)
+        return model
+    return make

@@ -154,17 +154,6 @@ def tiny(mixer, **kw):
     return ModelConfig(**args)
 
 
-def scaled_model(cfg, seed=0):
-    """Weights larger than the init (std 0.3), so every mixer moves the logits a lot."""
-    torch.manual_seed(seed)
-    model = LM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-    return model
-
-
 MODEL_CASES = [(m, {}) for m in MIXERS] + [('fm_sparse', dict(n_slots=20, top_k=3)),   # M not a power of 2
                                           ('fm', dict(n_slots=64, head_dim=64, chunk_size=64))]
 
@@ -172,7 +161,7 @@ MODEL_CASES = [(m, {}) for m in MIXERS] + [('fm_sparse', dict(n_slots=20, top_k=
 @pytest.mark.parametrize('mixer,kw', MODEL_CASES, ids=lambda v: v if isinstance(v, str) else
                          '-'.join(f"{k}{x}" for k, x in v.items()) or 'default')
 @needs_cuda
-def test_lm_on_cuda_equals_lm_on_cpu(mixer, kw):
+def test_lm_on_cuda_equals_lm_on_cpu(scaled_model, mixer, kw):
     """Logits and the gradients of every parameter: the Triton path vs the PyTorch one."""
     cpu = scaled_model(tiny(mixer, scan_impl='chunked', **kw)).train()
     gpu = LM(tiny(mixer, scan_impl='auto', **kw)).to(DEV).train()
@@ -194,7 +183,7 @@ def test_lm_on_cuda_equals_lm_on_cpu(mixer, kw):
                          '-'.join(f"{k}{x}" for k, x in v.items()) or 'default')
 @needs_cuda
 @pytest.mark.parametrize('n_prompt', [1, 37])
-def test_prefill_and_steps_equal_the_forward_on_cuda(mixer, kw, n_prompt):
+def test_prefill_and_steps_equal_the_forward_on_cuda(scaled_model, mixer, kw, n_prompt):
     model = scaled_model(tiny(mixer, **kw)).to(DEV)
     idx = torch.randint(0, 64, (2, 90), generator=torch.Generator().manual_seed(0)).to(DEV)   # > block_size
     with torch.no_grad():

@@ -1,6 +1,5 @@
 """The LM: parallel forward == prefill + recurrent decoding, sparse decoding touches
 k rows, every mixer can learn, and impossible configs fail with a clear error."""
-import math
 
 import pytest
 import torch
@@ -31,13 +30,8 @@ MODELS = [(m, {}) for m in MIXERS] + [('attention', dict(attn_conv=True))]
 
 @pytest.mark.parametrize('mixer,kw', MODELS)
 @pytest.mark.parametrize('n_prompt', [1, 2, 21])
-def test_parallel_forward_equals_recurrent_decoding(mixer, kw, n_prompt):
-    torch.manual_seed(0)
-    model = LM(tiny(mixer, **kw)).eval()
-    with torch.no_grad():   # larger weights than the init, so every mixer moves the logits a lot
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
+def test_parallel_forward_equals_recurrent_decoding(scaled_model, mixer, kw, n_prompt):
+    model = scaled_model(tiny(mixer, **kw))
     idx = torch.randint(0, 32, (2, 45))          # longer than block_size: recurrent mixers extrapolate
     with torch.no_grad():
         full, _ = model(idx)
@@ -190,13 +184,8 @@ def test_fm_gates_follow_the_equations(mixer, update_rate):
 
 
 @pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
-def test_per_slot_update_rate_decodes_like_the_forward(mixer):
-    torch.manual_seed(0)
-    model = LM(tiny(mixer, update_rate='slot')).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
+def test_per_slot_update_rate_decodes_like_the_forward(scaled_model, mixer):
+    model = scaled_model(tiny(mixer, update_rate='slot'))
     idx = torch.randint(0, 32, (2, 40))
     with torch.no_grad():
         full, _ = model(idx)

@@ -116,13 +116,8 @@ def test_training_forwards_count_the_load_for_the_bias():
         assert b.mixer.slot_load is None
 
 
-def test_decoding_with_a_selection_bias_equals_the_forward():
-    torch.manual_seed(0)
-    model = LM(tiny()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
+def test_decoding_with_a_selection_bias_equals_the_forward(scaled_model):
+    model = scaled_model(tiny())
     idx = torch.randint(0, 32, (2, 40))
     with torch.no_grad():
         plain, _ = model(idx)
