@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from model import LM, KVCache, ModelConfig, router_health, router_usage
+from model import LM, KVCache, ModelConfig, router_usage, slot_stats
 
 DEFAULT_MODELS = ','.join([
     'attention',
@@ -288,12 +288,14 @@ def router_health_on_task(model, cfg):
     gen = torch.Generator().manual_seed(cfg.seed + 2_000_003)
     n = max(pair_counts(cfg))
     x, y = mqar_batch(torch.full((64,), n), cfg.seq_len, cfg.num_keys, cfg.num_values, gen)
-    stats = router_health(model, x)
-    if model.config.mixer != 'fm_sparse':
+    usage = router_usage(model, x)                                 # one forward for both
+    sparse = model.config.mixer == 'fm_sparse'
+    stats = [slot_stats(share, sparse) for share, _ in usage]      # model.router_health's
+    if not sparse:
         return stats
     b, t = (y >= 0).nonzero(as_tuple=True)                         # query key positions
     first = (x[b, :2 * n:2] == x[b, t][:, None]).float().argmax(-1) * 2   # its first occurrence
-    for s, (_, w) in zip(stats, router_usage(model, x)):
+    for s, (_, w) in zip(stats, usage):
         sel = w > 0                                                # (B,T,M) the k chosen slots
         both = (sel[b, t] & sel[b, first + 1]).sum(-1).float()     # query vs its value's write
         s['read_write_overlap'] = round((both / model.config.top_k).mean().item(), 4)

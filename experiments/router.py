@@ -43,7 +43,7 @@ class RouterConfig:
 
 def health(out_dir, cfg):
     """(per-layer stats, per-layer sorted shares (M,), w over the sample (layers, T, M), the
-    sample's characters) for the checkpoint in out_dir."""
+    sample's characters, the checkpoint) for the checkpoint in out_dir."""
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     mixer = ckpt['model_args'].get('mixer')
     if mixer not in ('fm', 'fm_sparse'):
@@ -52,6 +52,9 @@ def health(out_dir, cfg):
     model = model_from_checkpoint(ckpt, 'cpu', dropout=0.0).eval()
     data = torch.from_numpy(val_tokens(ckpt, cfg.data_dir, 'router.py'))
     T = model.config.block_size
+    if len(data) <= T:
+        raise SystemExit(f"router.py: the validation split ({len(data)} tokens) is shorter than "
+                         f"a window of block_size+1 = {T + 1}")
     n = max(1, cfg.tokens // T)
     starts = np.linspace(0, len(data) - T - 1, n).astype(np.int64)
     idx = torch.stack([data[s:s + T] for s in starts])               # (n, T) evenly spaced windows
