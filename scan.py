@@ -8,7 +8,8 @@ Per head, with a memory S of m slots (rows; M in code), each a vector of width P
 
 The file has two parts:
   1. The definition: scan_step (one token: the decode step, and the loop body of scan_naive),
-     scan_step_sparse (one token of a sparse layer, touching K of the M rows) and scan_naive.
+     scan_step_sparse (one token of a sparse layer, touching K of the M rows) and scan_naive;
+     expand_gates, which turns a layer's factored gates into the per-head g, beta, q below.
   2. THE CPU FAST PATH (marked below): scan_chunked, the same recurrence chunk by chunk, in the
      three stages that kernels.py runs in Triton. The stages' equations are stated there, once.
 
@@ -114,6 +115,25 @@ def scan_naive(x, g, beta, q, initial_state=None):
     return torch.stack(ys, dim=1), state
 
 
+def expand_gates(gw, bw, q, H, A=None, delta=None):
+    """A layer's factored gates -> the per-head g, beta, q that the scans above take.
+
+    The gates of every mixer in model.py are products of per-token factors over the slots, which
+    all heads share, and per-head ones:
+
+        g[h,i] = A[h] * delta[h] * gw[i]      beta[h,i] = delta[h] * bw[i]      q[h,i] = q[i]
+
+    gw (..., M), or (..., 1) for one decay for all slots (Mamba-2); bw, q (..., M); delta (..., H)
+    or None (1); A (H) or None (1). Returns g (..., H, M) or (..., H, 1), beta and q (..., H, M),
+    float32. kernels.scan_factored takes the factors and forms these in registers instead."""
+    gw, bw, q = gw.float()[..., None, :], bw.float()[..., None, :], q.float()[..., None, :]
+    d = 1.0 if delta is None else delta.float()[..., None]
+    a = 1.0 if A is None else A.float()[:, None]
+    g = (a * d * gw).expand(*bw.shape[:-2], H, gw.shape[-1])
+    beta = (d * bw).expand(*bw.shape[:-2], H, bw.shape[-1])
+    return g, beta, q.expand_as(beta)
+
+
 def _initial(initial_state, B, H, M, P, device):
     if initial_state is None:
         return torch.zeros(B, H, M, P, device=device, dtype=torch.float32)
@@ -171,6 +191,12 @@ def scan_chunked(x, g, beta, q, initial_state=None, chunk_size=64):
         if g.shape[-1] == 1:
             return _scan_scalar(x, g, beta, q, S0, chunk_size)
         return _ScanSlots.apply(x, g, beta, q, S0, chunk_size, L)
+
+
+def scan_factored(x, gw, bw, q, A=None, delta=None, initial_state=None, chunk_size=64):
+    """scan_chunked on factored gates (expand_gates): the CPU twin of kernels.scan_factored."""
+    g, beta, q = expand_gates(gw, bw, q, x.shape[-2], A, delta)
+    return scan_chunked(x, g, beta, q, initial_state, chunk_size)
 
 
 def _chunks(t, C):
