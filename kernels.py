@@ -78,10 +78,15 @@ BM slots by BP = max(16, next_pow2(P)) columns, and loads past M or P are masked
 exact: a slot past M has g = 0, beta = 0 and q = 0, so its row of W stays 0; a column past P has
 x = dy = 0. Stores past M or P are masked off, so tensors keep their real shapes.
 
-scan_triton and the decode steps are torch.compile boundaries (torch.compiler.disable): a
-compiled model runs them eagerly. On CPU tensors the kernels run only under the Triton
-interpreter (TRITON_INTERPRET=1 set before triton is first imported).
+The scan (forward, backward) and the decode steps are registered custom ops (fm::scan_fwd,
+fm::scan_bwd, fm::scan_step, fm::scan_step_sparse; torch.library.custom_op with a fake
+implementation and, for the scan, the autograd formula), so torch.compile traces a model that
+calls them into one graph: an op is opaque to the compiler, but not a graph break. On CPU tensors
+the kernels run only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is first
+imported).
 """
+
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -410,8 +415,7 @@ def chunk_meta(M, P, chunk_size, dtype, arch=90):
     a broadcast dg are written once, in their dtypes. Otherwise, and on sm_80 (where that 8-warp
     block spills: ptxas, sm_80's mma layouts), blocks of STATE_TILE // BP slots write fp32
     shares."""
-    if not (isinstance(chunk_size, int) and chunk_size >= SUB and chunk_size % SUB == 0):
-        raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of {SUB}")
+    _check_chunk(chunk_size)
     if M < 1 or P < 1:
         raise ValueError(f"scan_triton needs M (n_slots) >= 1 and P (head_dim) >= 1, "
                          f"got M={M}, P={P}")
@@ -449,87 +453,140 @@ def _require_runnable(t):
                            "or use scan_impl='chunked'.")
 
 
-def _compile_boundary(reason):
-    """torch.compiler.disable as a decorator, with its reason where this torch takes one."""
-    try:
-        return torch.compiler.disable(reason=reason)
-    except TypeError:
-        return torch.compiler.disable
+def _check_chunk(chunk_size):
+    if not (isinstance(chunk_size, int) and chunk_size >= SUB and chunk_size % SUB == 0):
+        raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of {SUB}")
 
 
-class _ScanTriton(torch.autograd.Function):
-    """The glue: allocations and launches only. Inputs are read where they are (contiguous()
-    copies only what is not), g is read as given ((B,T,H,M) or broadcast (B,T,H,1)), the last
-    chunk's tail is masked in the kernels, and the decay gradient comes out of the last kernel."""
+# -----------------------------------------------------------------------------
+# The scan as custom ops: fm::scan_fwd and fm::scan_bwd, with fake (shape-only) implementations
+# and the autograd formula registered, so torch.compile traces a model through them into one
+# graph (dynamo sees an opaque op with known output shapes, not launches to trace). The real
+# implementations below are the glue: allocations and launches only. Inputs are read where they
+# are (contiguous() copies only what is not), g is read as given ((B,T,H,M) or (B,T,H,1)), the
+# last chunk's tail is masked in the kernels, the decay gradient comes out of the last kernel, and
+# the slot blocks' partial sums (y, dx, a broadcast dg; M > 64 or sm_80) are added up in the op.
+# -----------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, x, g, beta, q, initial_state, chunk_size):
-        B, T, H, P = x.shape
-        M, GM = beta.shape[-1], g.shape[-1]
-        meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM)
-        C, BM = chunk_size, meta['BM']
-        n, nb = triton.cdiv(T, C), triton.cdiv(M, BM)  # chunks; slot blocks, the last maybe partial
-        x, g, beta, q = (t.contiguous() for t in (x, g, beta, q))
-        f32 = dict(device=x.device, dtype=torch.float32)
-        S0 = (torch.zeros(B, H, M, P, **f32) if initial_state is None else
-              initial_state.float().contiguous())
-        states, S_final = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
-        Gc = torch.empty(B, H, n, GM, **f32)
-        y = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
-             torch.empty(nb, B, T, H, P, **f32))
-        grid = (n, B * H, nb)
-        _launch(_chunk_state, grid, x, g, beta, states, Gc, T, H, REVERSE=False, **meta)
-        _launch(_state_pass, (B * H, nb), states, Gc, S0, S_final, H, n, REVERSE=False, **meta)
-        _launch(_chunk_output_fwd, grid, x, g, beta, q, states, y, T, H, **meta)
-        ctx.save_for_backward(x, g, beta, q, states, Gc)
-        ctx.info = (meta, initial_state is not None)
-        return (y if nb == 1 else y.sum(0).to(x.dtype)), S_final
-
-    @staticmethod
-    def backward(ctx, dy, dS_final):
-        x, g, beta, q, S_in, Gc = ctx.saved_tensors
-        meta, has_initial = ctx.info
-        B, T, H, P = x.shape
-        M, BM, C, GM = meta['M'], meta['BM'], meta['C'], meta['GM']
-        n, nb = S_in.shape[2], triton.cdiv(M, BM)
-        dy = dy.contiguous()
-        dS_final = dS_final.float().contiguous()
-        f32 = dict(device=x.device, dtype=torch.float32)
-        E, dS0 = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
-        dx = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
-              torch.empty(nb, B, T, H, P, **f32))
-        dbeta = torch.empty(B, T, H, M, **f32)
-        dq = torch.empty(B, T, H, M, device=x.device, dtype=q.dtype)
-        if GM > 1 or nb == 1:
-            dg = torch.empty(B, T, H, GM, device=x.device, dtype=g.dtype)
-        else:
-            dg = torch.empty(nb, B, T, H, 1, **f32)
-        grid = (n, B * H, nb)
-        _launch(_chunk_state, grid, dy, g, q, E, Gc, T, H, REVERSE=True, **meta)
-        _launch(_state_pass, (B * H, nb), E, Gc, dS_final, dS0, H, n, REVERSE=True, **meta)
-        _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, dy, E, dx, dbeta, T, H, **meta)
-        _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, dy, S_in, E, dS0, dbeta, dq, dg, T, H,
-                **meta)
-        if nb > 1:
-            dx = dx.sum(0).to(x.dtype)
-            if GM == 1:
-                dg = dg.sum(0).to(g.dtype)
-        return dx, dg, dbeta.to(beta.dtype), dq, dS0 if has_initial else None, None
+def _scan_fwd(x, g, beta, q, initial_state, chunk_size):
+    """Stages 1-3 forward. Returns y, S_final and what the backward reads: S_in (the states
+    entering each chunk, (B,H,n,M,P)) and Gc (the chunks' total decays, (B,H,n,GM))."""
+    _require_runnable(x)
+    B, T, H, P = x.shape
+    M, GM = beta.shape[-1], g.shape[-1]
+    meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM)
+    n, nb = triton.cdiv(T, chunk_size), triton.cdiv(M, meta['BM'])  # the last block maybe partial
+    x, g, beta, q = (t.contiguous() for t in (x, g, beta, q))
+    f32 = dict(device=x.device, dtype=torch.float32)
+    S0 = (torch.zeros(B, H, M, P, **f32) if initial_state is None else
+          initial_state.float().contiguous())
+    states, S_final = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
+    Gc = torch.empty(B, H, n, GM, **f32)
+    y = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
+         torch.empty(nb, B, T, H, P, **f32))
+    grid = (n, B * H, nb)
+    _launch(_chunk_state, grid, x, g, beta, states, Gc, T, H, REVERSE=False, **meta)
+    _launch(_state_pass, (B * H, nb), states, Gc, S0, S_final, H, n, REVERSE=False, **meta)
+    _launch(_chunk_output_fwd, grid, x, g, beta, q, states, y, T, H, **meta)
+    return (y if nb == 1 else y.sum(0).to(x.dtype)), S_final, states, Gc
 
 
-@_compile_boundary('Triton scan: launches and autograd.Function run eagerly')
+def _scan_bwd(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size):
+    """The backward of _scan_fwd: dx, dg, dbeta, dq and dS_initial (always returned)."""
+    _require_runnable(x)
+    B, T, H, P = x.shape
+    M, GM = beta.shape[-1], g.shape[-1]
+    meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM)
+    n, nb = S_in.shape[2], triton.cdiv(M, meta['BM'])
+    x, g, beta, q, dy = (t.contiguous() for t in (x, g, beta, q, dy))
+    dS_final = dS_final.float().contiguous()
+    f32 = dict(device=x.device, dtype=torch.float32)
+    E, dS0 = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
+    dx = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
+          torch.empty(nb, B, T, H, P, **f32))
+    dbeta = torch.empty(B, T, H, M, **f32)
+    dq = torch.empty(B, T, H, M, device=x.device, dtype=q.dtype)
+    if GM > 1 or nb == 1:
+        dg = torch.empty(B, T, H, GM, device=x.device, dtype=g.dtype)
+    else:
+        dg = torch.empty(nb, B, T, H, 1, **f32)
+    grid = (n, B * H, nb)
+    _launch(_chunk_state, grid, dy, g, q, E, Gc, T, H, REVERSE=True, **meta)
+    _launch(_state_pass, (B * H, nb), E, Gc, dS_final, dS0, H, n, REVERSE=True, **meta)
+    _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, dy, E, dx, dbeta, T, H, **meta)
+    _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, dy, S_in, E, dS0, dbeta, dq, dg, T, H, **meta)
+    if nb > 1:
+        dx = dx.sum(0).to(x.dtype)
+        if GM == 1:
+            dg = dg.sum(0).to(g.dtype)
+    return dx, dg, dbeta.to(beta.dtype), dq, dS0
+
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op('fm::scan_fwd', mutates_args=())
+def _scan_fwd_op(x: Tensor, g: Tensor, beta: Tensor, q: Tensor, initial_state: Optional[Tensor],
+                 chunk_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _scan_fwd(x, g, beta, q, initial_state, chunk_size)
+
+
+@torch.library.custom_op('fm::scan_bwd', mutates_args=())
+def _scan_bwd_op(x: Tensor, g: Tensor, beta: Tensor, q: Tensor, S_in: Tensor, Gc: Tensor,
+                 dy: Tensor, dS_final: Tensor,
+                 chunk_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _scan_bwd(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size)
+
+
+@_scan_fwd_op.register_fake
+def _(x, g, beta, q, initial_state, chunk_size):
+    _check_chunk(chunk_size)
+    B, T, H, P = x.shape
+    M, GM, n = beta.shape[-1], g.shape[-1], (T + chunk_size - 1) // chunk_size
+    f32 = torch.float32
+    return (x.new_empty(B, T, H, P), x.new_empty(B, H, M, P, dtype=f32),
+            x.new_empty(B, H, n, M, P, dtype=f32), x.new_empty(B, H, n, GM, dtype=f32))
+
+
+@_scan_bwd_op.register_fake
+def _(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size):
+    return (torch.empty_like(x), torch.empty_like(g), torch.empty_like(beta), torch.empty_like(q),
+            torch.empty_like(dS_final, dtype=torch.float32))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    x, g, beta, q, initial_state, chunk_size = inputs
+    _, _, S_in, Gc = output
+    ctx.save_for_backward(x, g, beta, q, S_in, Gc)
+    ctx.chunk_size, ctx.has_initial = chunk_size, initial_state is not None
+
+
+def _scan_backward(ctx, dy, dS_final, _dS_in, _dGc):
+    x, g, beta, q, S_in, Gc = ctx.saved_tensors
+    dy, dS_final = _grad_or_zeros(dy, x), _grad_or_zeros(dS_final, S_in[:, :, 0])
+    dx, dg, dbeta, dq, dS0 = _scan_bwd_op(x, g, beta, q, S_in, Gc, dy, dS_final, ctx.chunk_size)
+    return dx, dg, dbeta, dq, (dS0 if ctx.has_initial else None), None
+
+
+def _grad_or_zeros(grad, like):
+    """An output's gradient, or zeros for an output the loss did not use."""
+    return torch.zeros_like(like) if grad is None else grad
+
+
+_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
 def scan_triton(x, g, beta, q, initial_state=None, chunk_size=64):
     """The chunked scan in Triton, forward and backward. Equals scan.scan_naive.
 
-    A torch.compile boundary (torch.compiler.disable, as fla does for chunk_gla): dynamo does
-    not trace the launches or the autograd.Function; a compiled model breaks its graph here
-    and runs this eagerly, forward and backward.
+    The custom ops fm::scan_fwd and fm::scan_bwd: torch.compile traces through them (no graph
+    break), and runs the kernels where the ops stand in its graph.
 
     x (B,T,H,P); g (B,T,H,M) or (B,T,H,1); beta, q (B,T,H,M); initial_state (B,H,M,P) or None.
     Returns y (B,T,H,P) in x's dtype and the final state (B,H,M,P) float32. Any T >= 1.
     """
-    _require_runnable(x)
-    return _ScanTriton.apply(x, g, beta, q, initial_state, chunk_size)
+    y, S_final, _, _ = _scan_fwd_op(x, g, beta, q, initial_state, chunk_size)
+    return y, S_final
 
 
 # -----------------------------------------------------------------------------
@@ -590,10 +647,8 @@ def sparse_step_meta(K, P):
     return dict(P=P, BK=triton.next_power_of_2(K), BP=triton.next_power_of_2(P))
 
 
-@_compile_boundary('Triton decode step: runs eagerly')
-def scan_step_triton(state, x, g, beta, q):
-    """One token, as scan.scan_step: state (B,H,M,P) fp32, updated in place and returned;
-    x (B,H,P); g (B,H,M) or (B,H,1); beta, q (B,H,M). Returns (y (B,H,P) in x's dtype, state)."""
+@torch.library.custom_op('fm::scan_step', mutates_args=('state',))
+def _scan_step_op(state: Tensor, x: Tensor, g: Tensor, beta: Tensor, q: Tensor) -> Tensor:
     _require_runnable(state)
     B, H, M, P = state.shape
     S = state.contiguous()
@@ -602,14 +657,17 @@ def scan_step_triton(state, x, g, beta, q):
             beta.contiguous(), q.contiguous(), y, **step_meta(M, P))
     if S is not state:
         state.copy_(S)
-    return y, state
+    return y
 
 
-@_compile_boundary('Triton sparse decode step: runs eagerly')
-def scan_step_sparse_triton(state, x, g, beta, q, idx):
-    """One token of a sparse layer, as scan.scan_step_sparse: only rows idx (B,K) of each head's
-    state (B,H,M,P) fp32 are read and written, in place; x (B,H,P); g, beta, q (B,H,K).
-    Returns (y (B,H,P) in x's dtype, state)."""
+@_scan_step_op.register_fake
+def _(state, x, g, beta, q):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op('fm::scan_step_sparse', mutates_args=('state',))
+def _scan_step_sparse_op(state: Tensor, x: Tensor, g: Tensor, beta: Tensor, q: Tensor,
+                         idx: Tensor) -> Tensor:
     _require_runnable(state)
     B, H, M, P = state.shape
     K = idx.shape[-1]
@@ -620,7 +678,26 @@ def scan_step_sparse_triton(state, x, g, beta, q, idx):
             **sparse_step_meta(K, P))
     if S is not state:
         state.copy_(S)
-    return y, state
+    return y
+
+
+@_scan_step_sparse_op.register_fake
+def _(state, x, g, beta, q, idx):
+    return x.new_empty(x.shape)
+
+
+def scan_step_triton(state, x, g, beta, q):
+    """One token, as scan.scan_step: state (B,H,M,P) fp32, updated in place and returned;
+    x (B,H,P); g (B,H,M) or (B,H,1); beta, q (B,H,M). Returns (y (B,H,P) in x's dtype, state).
+    The custom op fm::scan_step (state mutated in place)."""
+    return _scan_step_op(state, x, g, beta, q), state
+
+
+def scan_step_sparse_triton(state, x, g, beta, q, idx):
+    """One token of a sparse layer, as scan.scan_step_sparse: only rows idx (B,K) of each head's
+    state (B,H,M,P) fp32 are read and written, in place; x (B,H,P); g, beta, q (B,H,K).
+    Returns (y (B,H,P) in x's dtype, state). The custom op fm::scan_step_sparse."""
+    return _scan_step_sparse_op(state, x, g, beta, q, idx), state
 
 
 # each kernel's parameter names, read here once rather than at every launch (kernel.arg_names)

@@ -250,9 +250,14 @@ def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64
     count, ctx = Count(), Ctx()
     try:
         with count:
-            kmod._ScanTriton.forward(ctx, x, g, beta, q, S0, chunk_size)
-            n_fwd = len(launches)
-            kmod._ScanTriton.backward(ctx, dy, dS)
+            if hasattr(kmod, '_ScanTriton'):        # kernels.py before the custom ops
+                kmod._ScanTriton.forward(ctx, x, g, beta, q, S0, chunk_size)
+                n_fwd = len(launches)
+                kmod._ScanTriton.backward(ctx, dy, dS)
+            else:                                   # the ops' real implementations
+                _, _, S_in, Gc = kmod._scan_fwd(x, g, beta, q, S0, chunk_size)
+                n_fwd = len(launches)
+                kmod._scan_bwd(x, g, beta, q, S_in, Gc, dy, dS, chunk_size)
     finally:
         kmod._launch, kmod._require_runnable = old_launch, old_req
         if old_arch is not None:

@@ -11,8 +11,9 @@ write shows up. The interpreter is brought closer to a GPU in two ways: fp32 -> 
 stores round to nearest even as a GPU does (the interpreter truncates), and, in
 test_scan_triton_with_tf32_dots, tl.dot rounds its operands to tf32 as tensor cores do,
 so the error a GPU should show is measured against the CUDA tolerances
-(results/gpu/tf32_emulated.json). test_scan_and_steps_are_a_torch_compile_boundary
-checks with torch._dynamo.explain that scan_triton and the steps are opaque to dynamo.
+(results/gpu/tf32_emulated.json). test_scan_and_steps_trace_into_one_graph checks with
+torch._dynamo.explain that a function calling scan_triton or the steps (custom ops) is one
+graph with no break, and test_custom_ops_opcheck runs torch.library.opcheck on the ops.
 
 The interpreter must be on before triton is first imported, so this module asks
 for it (triton_mode, tests/conftest.py): a pytest process that imported triton
@@ -311,31 +312,64 @@ def test_tiles_cover_any_M_P():
                 assert BM >= M                                   # one slot block
 
 
-def test_scan_and_steps_are_a_torch_compile_boundary():
-    """torch.compile sees scan_triton and the decode steps as one opaque call each (a graph
-    break at torch.compiler.disable), not as launches and an autograd.Function to trace; the
-    compiled function still computes what the eager one does."""
-    x, g, beta, q, S0 = inputs(16, 16, 16, 'dense', 'weak', torch.float32, B=1, H=1)
-
-    def scan_then_sum(x, g, beta, q):
-        y, S = kernels.scan_triton(x * 2, g, beta, q, chunk_size=16)
-        return y.sum() + S.sum()
-
-    def steps(S, x, g, beta, q):
-        y, S = kernels.scan_step_triton(S, x, g, beta, q)
-        y2, S = kernels.scan_step_sparse_triton(S, x, g[..., :2], beta[..., :2], q[..., :2],
-                                                torch.tensor([[0, 3]]))
-        return y + y2
-
-    cases = [(scan_then_sum, (x, g, beta, q)), (steps, (S0.clone(), x[:, 0], g[:, 0], beta[:, 0], q[:, 0]))]
-    for fn, args in cases:
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(fn)(*[a.clone() for a in args])
-        reasons = [str(r.reason) for r in explained.break_reasons]
-        print(fn.__name__, explained.graph_break_count, 'graph breaks:', [r.splitlines()[0] for r in reasons])
-        # one break per disabled call (dynamo merges two calls in a row into one break)
-        assert explained.graph_break_count >= 1
-        assert all('torch.compiler.disable' in r for r in reasons), reasons
-        compiled = torch.compile(fn, backend='eager')
-        assert torch.allclose(compiled(*[a.clone() for a in args]), fn(*[a.clone() for a in args]))
+def _explain(fn, args):
+    """torch._dynamo.explain of fn(*args): its graph breaks, with their reasons printed."""
     torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*[a.clone() for a in args])
+    reasons = [str(r.reason).splitlines()[0] for r in explained.break_reasons]
+    print(fn.__name__, explained.graph_count, 'graphs,', explained.graph_break_count, 'breaks:',
+          reasons)
+    return explained
+
+
+def scan_then_sum(x, g, beta, q, S0):
+    y, S = kernels.scan_triton(x * 2, g, beta, q, initial_state=S0, chunk_size=16)
+    return (y * y).sum() + S.sum()
+
+
+def decode_steps(S, x, g, beta, q):
+    y, S = kernels.scan_step_triton(S, x, g, beta, q)
+    y2, S = kernels.scan_step_sparse_triton(S, x, g[..., :2], beta[..., :2], q[..., :2],
+                                            torch.tensor([[0, 3]]))
+    return y + y2 + S.sum()
+
+
+def test_scan_and_steps_trace_into_one_graph():
+    """The custom ops (fm::scan_fwd/bwd, fm::scan_step, fm::scan_step_sparse) are traced: dynamo
+    makes one graph of a function that calls scan_triton or the decode steps, with 0 breaks, and
+    the compiled function (AOTAutograd: the fake shapes, the registered backward) computes what
+    the eager one does, forward and gradients."""
+    x, g, beta, q, S0 = inputs(16, 5, 3, 'dense', 'strong', torch.float32, B=1, H=2)
+    step_args = (S0.clone(), x[:, 0], g[:, 0], beta[:, 0], q[:, 0])
+    for fn, args in [(scan_then_sum, (x, g, beta, q, S0)), (decode_steps, step_args)]:
+        explained = _explain(fn, args)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(scan_then_sum, backend='aot_eager', fullgraph=True)
+    outs = []
+    for f in (scan_then_sum, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
+        loss = f(*leaves)
+        loss.backward()
+        outs.append([loss.detach()] + [t.grad for t in leaves])
+    for got, ref in zip(outs[1], outs[0]):
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    S_a, S_b = S0.clone(), S0.clone()
+    got = torch.compile(decode_steps, backend='aot_eager', fullgraph=True)(S_a, *step_args[1:])
+    assert torch.allclose(got, decode_steps(S_b, *step_args[1:]))
+    assert torch.equal(S_a, S_b)                                  # the state mutated in place
+    torch._dynamo.reset()
+
+
+def test_custom_ops_opcheck():
+    """torch.library.opcheck of each op: its schema (what it mutates), fake tensors against the
+    real outputs, the autograd registration, and AOT dispatch with dynamic shapes."""
+    x, g, beta, q, S0 = inputs(17, 5, 3, 'dense', 'strong', torch.float32, B=1, H=2)
+    leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0)]
+    torch.library.opcheck(torch.ops.fm.scan_fwd.default, (*leaves, 16))
+    torch.library.opcheck(torch.ops.fm.scan_fwd.default, (*leaves[:4], None, 16))
+    torch.library.opcheck(torch.ops.fm.scan_step.default,
+                          (S0.clone(), x[:, 0], g[:, 0], beta[:, 0], q[:, 0]))
+    torch.library.opcheck(torch.ops.fm.scan_step_sparse.default,
+                          (S0.clone(), x[:, 0], g[:, 0, :, :2], beta[:, 0, :, :2],
+                           q[:, 0, :, :2], torch.tensor([[0, 3]])))
