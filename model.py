@@ -8,8 +8,15 @@ so only the mixer differs. The three recurrent mixers share one scan (scan.py):
     S_t[i,:] = exp(g[t,i]) * S_{t-1}[i,:] + beta[t,i] * x_t        S: (m, P) per head
     y_t      = sum_i q[t,i] * S_t[i,:] + D_skip * x_t
 
-FM:      g = Δ·A·w_t,  beta = Δ·w_t,  w_t = softmax(r_t) (dense) or softmax over top-k (sparse)
+FM, formulation='derived' (this repo's, from the abstract):
+         g = Δ·A·w_t,  beta = Δ·w_t,  q = q_t,  w_t = softmax(r_t), or over the top-k (sparse)
+FM, formulation='paper' (reconstructed from the paper group's patents and its reviews):
+         g = log(1 - θ_t),  beta = θ_t,  q = φ_t,   θ_t = σ(η_t)·α_t,  φ_t = σ(μ_t)·α_t,
+         α_t = softmax(r_t / τ), or over the top-k (sparse): one affinity writes and reads
 Mamba-2: g = Δ·A,      beta = Δ·B_t,  q = C_t
+
+Every gate is a product of per-token factors over the slots, shared by the heads, and per-head
+ones (scan.expand_gates): the mixers hand the scan those factors (Gates), never (B,T,H,M) tensors.
 
 Training runs the parallel forward (chunked scan); decoding runs one token at a
 time through a cache holding a constant-size state (a KV cache for attention).
@@ -17,6 +24,7 @@ time through a cache holding a constant-size state (a KV cache for attention).
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -27,6 +35,7 @@ import scan
 MIXERS = ('fm', 'fm_sparse', 'mamba2', 'attention')
 SCAN_IMPLS = ('auto', 'naive', 'chunked', 'triton')
 BALANCES = ('none', 'aux', 'bias')
+FORMULATIONS = ('derived', 'paper')
 
 
 @dataclass
@@ -45,8 +54,11 @@ class ModelConfig:
     head_dim: int = 64          # P
     n_slots: int = 64           # m: memory slots (Mamba-2: state size N)
     top_k: int = 8              # k: slots written and read per token (fm_sparse)
-    update_rate: str = 'head'   # Δ per head (Mamba-2's), or 'slot': per slot, shared by the
-                                #   heads (fm, fm_sparse)
+    formulation: str = 'derived'  # fm, fm_sparse: 'derived' (Δ-gated write, its own query q) or
+                                  #   'paper' (convex update θ, read by the same affinity)
+    router_temp: float = 1.0    # τ: α = softmax(r / τ) (fm, fm_sparse)
+    update_rate: str = 'head'   # derived: Δ per head (Mamba-2's), or 'slot': per slot, shared by
+                                #   the heads
     d_conv: int = 4             # width of the short causal conv before the recurrent scan
     attn_conv: bool = False     # attention: the same short conv on q, k, v (off: plain attention)
     chunk_size: int = 64
@@ -78,6 +90,11 @@ class ModelConfig:
         need(self.update_rate in ('head', 'slot'), 'update_rate', "must be 'head' or 'slot'")
         need(self.update_rate == 'head' or self.mixer in ('fm', 'fm_sparse'), 'update_rate',
              f"'slot' is for the FM mixers (fm, fm_sparse), not {self.mixer}")
+        need(self.formulation in FORMULATIONS, 'formulation',
+             f"must be one of {', '.join(FORMULATIONS)}")
+        need(self.update_rate == 'head' or self.formulation == 'derived', 'update_rate',
+             "'slot' is for formulation='derived' (the paper's update rate is per slot already)")
+        need(self.router_temp > 0, 'router_temp', "must be > 0")
         need(self.router_balance in BALANCES, 'router_balance',
              f"must be one of {', '.join(BALANCES)}")
         need(self.router_aux_coef >= 0, 'router_aux_coef', "must be >= 0")
@@ -125,22 +142,32 @@ class MLP(nn.Module):
 
 class ShortConv(nn.Conv1d):
     """A causal depthwise conv of width d_conv: each channel mixes its own last d_conv inputs.
-    It lets a token see its neighbours before the mixer, e.g. a value the key just before it."""
+    It lets a token see its neighbours before the mixer, e.g. a value the key just before it.
+    Computed as d_conv shifted multiply-adds (not conv1d), which torch.compile fuses into the
+    ops around it; the step sums the same terms in the same order, so it equals the forward."""
     def __init__(self, channels, d_conv):
         super().__init__(channels, channels, d_conv, groups=channels, padding=d_conv - 1)
+
+    def mix(self, taps):
+        """taps: d_conv tensors (..., ch), oldest first -> bias + sum_j weight[:, j] * taps[j]."""
+        y = self.bias if self.bias is not None else 0.0
+        for j, tap in enumerate(taps):
+            y = y + tap * self.weight[:, 0, j]
+        return y
 
     def forward(self, x):
         """x (B,T,ch) -> (B,T,ch), and the step's window: the last d_conv-1 inputs (B,ch,d_conv-1),
         zeros before the start as the conv's padding."""
-        T = x.shape[1]
-        y = super().forward(x.transpose(1, 2))[..., :T].transpose(1, 2)   # causal: keep the first T
-        return y, F.pad(x.transpose(1, 2), (self.kernel_size[0] - 1, 0))[..., T:]
+        T, K = x.shape[1], self.kernel_size[0]
+        xp = F.pad(x, (0, 0, K - 1, 0))                            # (B, K-1+T, ch)
+        y = self.mix([xp[:, j:j + T] for j in range(K)])
+        return y.to(x.dtype), xp[:, T:].transpose(1, 2)   # in x's dtype, as conv1d under autocast
 
     def step(self, x, window):
         """x (B,ch), window (B,ch,d_conv-1) -> y (B,ch) and the next window."""
-        full = torch.cat([window, x[..., None]], dim=-1)           # (B, ch, d_conv)
-        y = (full * self.weight[:, 0]).sum(-1) + self.bias
-        return y.to(x.dtype), full[..., 1:]   # in x's dtype, as the forward under autocast
+        full = torch.cat([window, x[..., None].to(window.dtype)], dim=-1)   # (B, ch, d_conv)
+        y = self.mix(full.unbind(-1))
+        return y.to(x.dtype), full[..., 1:]
 
     def new_window(self, B, device):
         """The window before any input: zeros, as the conv's padding."""
@@ -151,12 +178,19 @@ class ShortConv(nn.Conv1d):
 # The recurrent mixers: FM (dense and sparse) and Mamba-2
 
 
+def slot_counts(idx, M):
+    """idx (..., k) slot indices -> (M,) float32 selections per slot. A scatter-add, not
+    torch.bincount, so the shape is static and torch.compile keeps one graph."""
+    ones = torch.ones(idx.numel(), device=idx.device)
+    return torch.zeros(M, device=idx.device).scatter_add_(0, idx.flatten(), ones)
+
+
 def switch_aux_loss(r, idx, M):
     """The Switch Transformer's load-balancing loss M·Σ_i f_i·P_i for router logits r (..., M)
     and their top-k idx (..., k): f_i the fraction of selections that went to slot i (no gradient),
     P_i the mean softmax probability of slot i over all M, so every slot's logit gets a gradient,
     selected or not. 1 when the load is uniform, up to M when every token picks the same slots."""
-    f = torch.bincount(idx.flatten(), minlength=M).float() / idx.numel()   # (M,) sums to 1
+    f = slot_counts(idx, M) / idx.numel()                                  # (M,) sums to 1
     P = r.float().softmax(-1).flatten(0, -2).mean(0)                       # (M,) sums to 1
     return M * (f * P).sum()
 
@@ -167,18 +201,37 @@ class RecurrentCache:
     S: torch.Tensor      # (B, H, M, P) float32: the memory
 
 
+class Gates(NamedTuple):
+    """A layer's gates as factors (scan.expand_gates): g[h,i] = A[h]·delta[h]·gw[i],
+    beta[h,i] = delta[h]·bw[i], q[h,i] = q[i]. Leading dims (B,T) in the forward, (B,) in a step."""
+    gw: torch.Tensor                  # (..., M), or (..., 1): one decay for all slots (Mamba-2)
+    bw: torch.Tensor                  # (..., M)
+    q: torch.Tensor                   # (..., M)
+    A: Optional[torch.Tensor]         # (H,) or None (1)
+    delta: Optional[torch.Tensor]     # (..., H) or None (1)
+
+
+def _naive_factored(x, gw, bw, q, A=None, delta=None, initial_state=None):
+    return scan.scan_naive(x, *scan.expand_gates(gw, bw, q, x.shape[-2], A, delta), initial_state)
+
+
 def scan_impls(config, device):
-    """The scan for the parallel forward, and the one-token steps (dense, sparse), for a device:
-    the Triton kernels with scan_impl='triton' (which 'auto' means on CUDA), else scan.py."""
+    """The scan for the parallel forward (on factored gates), and the one-token steps (dense,
+    sparse, on per-head gates), for a device: the Triton kernels with scan_impl='triton' (which
+    'auto' means on CUDA), else scan.py."""
     mode = config.scan_impl
     if mode == 'auto':
         mode = 'triton' if torch.device(device).type == 'cuda' else 'chunked'
     if mode == 'triton':
         import kernels
-        return (partial(kernels.scan_triton, chunk_size=config.chunk_size),
+        factored = getattr(kernels, 'scan_factored', None) or partial(
+            lambda x, gw, bw, q, A=None, delta=None, initial_state=None, chunk_size=64:
+            kernels.scan_triton(x, *scan.expand_gates(gw, bw, q, x.shape[-2], A, delta),
+                                initial_state, chunk_size))
+        return (partial(factored, chunk_size=config.chunk_size),
                 kernels.scan_step_triton, kernels.scan_step_sparse_triton)
-    parallel = (scan.scan_naive if mode == 'naive'
-                else partial(scan.scan_chunked, chunk_size=config.chunk_size))
+    parallel = (_naive_factored if mode == 'naive'
+                else partial(scan.scan_factored, chunk_size=config.chunk_size))
     return parallel, scan.scan_step, scan.scan_step_sparse
 
 
@@ -190,18 +243,24 @@ class RecurrentMixer(nn.Module):
         super().__init__()
         self.config = config
         self.kind = config.mixer
+        self.paper = config.formulation == 'paper' and self.kind != 'mamba2'
         self.d_inner = config.expand * config.n_embd
         self.P = config.head_dim
         self.H = self.d_inner // self.P
         self.M = config.n_slots
         self.top_k = config.top_k
-        self.n_dt = self.M if config.update_rate == 'slot' else self.H   # a Δ per slot, or per head
-        # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H, or m per slot)
-        self.in_proj = nn.Linear(config.n_embd, 2 * self.d_inner + 2 * self.M + self.n_dt,
+        if self.paper:
+            # u -> z, x (E·D each), then r, η, μ (m each) straight from u: the affinity reads the
+            # block's RMS-normed input (the patents' claim), not the conv's output
+            self.conv_dim, self.n_raw = self.d_inner, 3 * self.M     # conv over x only
+        else:
+            # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H, or m per slot)
+            n_dt = self.M if config.update_rate == 'slot' else self.H
+            self.conv_dim, self.n_raw = self.d_inner + 2 * self.M, n_dt   # conv over [x, r, q]
+        self.in_proj = nn.Linear(config.n_embd, self.d_inner + self.conv_dim + self.n_raw,
                                  bias=config.bias)
-        self.conv_dim = self.d_inner + 2 * self.M      # conv over [x, r, q]
         self.conv = ShortConv(self.conv_dim, config.d_conv)
-        if self.kind != 'mamba2' and not config.router_conv_bias:
+        if self.kind != 'mamba2' and not self.paper and not config.router_conv_bias:
             # PyTorch's default conv bias (uniform ±1/sqrt(d_conv) = ±0.5) outweighs the projected
             # logits (~0.1-0.2) at init, so every token would pick the same slots: start it at 0.
             with torch.no_grad():
@@ -210,12 +269,15 @@ class RecurrentMixer(nn.Module):
         if self.kind == 'fm_sparse':
             # (M,) added to r for the top-k choice only; in state_dict, so resume and decode keep it
             self.register_buffer('route_bias', torch.zeros(self.M))
-        self.slot_load = None    # (M,) selections since the last update_router_bias (training)
+        # (M,) selections since the last update_router_bias (training): a fixed-shape buffer added
+        # to in place, so a compiled forward has no Python state to guard on
+        self.register_buffer('slot_load', torch.zeros(self.M), persistent=False)
         self.aux_loss = None     # () this forward's Switch loss, with router_balance='aux'
-        # Mamba-2's init: Δ = softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in [-16, -1].
-        dt = torch.exp(torch.rand(self.n_dt) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.H).uniform_(1, 16)))
+        if not self.paper:
+            # Mamba-2's init: Δ = softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in [-16, -1].
+            dt = torch.exp(torch.rand(n_dt) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
+            self.A_log = nn.Parameter(torch.log(torch.empty(self.H).uniform_(1, 16)))
         self.D_skip = nn.Parameter(torch.ones(self.H))
         self.norm = RMSNorm(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, config.n_embd, bias=config.bias)
@@ -223,47 +285,66 @@ class RecurrentMixer(nn.Module):
 
     # --- the gates, in the README's symbols ----------------------------------
     def route(self, r):
-        """r (..., M) router logits -> w (..., M), the slot weights: softmax over all slots (fm),
-        or over the top-k logits and 0 elsewhere (fm_sparse, which also returns the active
-        slots idx (..., k); None otherwise)."""
-        r = r.float()
+        """r (..., M) router logits -> the slot weights (..., M): softmax(r / τ) over all slots
+        (fm), or over the top-k logits and 0 elsewhere (fm_sparse, which also returns the active
+        slots idx (..., k); None otherwise). The derived formulation's w, the paper's α."""
+        r = r.float() / self.config.router_temp
         if self.kind != 'fm_sparse':
             return r.softmax(-1), None
         _, idx = (r + self.route_bias).topk(self.top_k, dim=-1)   # the bias picks, it never weighs
         return torch.zeros_like(r).scatter(-1, idx, r.gather(-1, idx).softmax(-1)), idx
 
     def gates(self, r, q, dt):
-        """r, q (..., M) after the conv; dt (..., H), or (..., M) with update_rate='slot'.
-        Returns g, beta, q_read (..., H, M) float32 and the active slots idx (..., k) or None
-        (g is (..., H, 1) for Mamba-2: one decay for all slots)."""
+        """Derived FM and Mamba-2. r, q (..., M) after the conv; dt (..., H), or (..., M) with
+        update_rate='slot'. Returns the Gates and the active slots idx (..., k) or None."""
         Δ = F.softplus(dt.float() + self.dt_bias)                  # (..., H) > 0, or (..., M)
         A = -torch.exp(self.A_log.float())                         # (H)      < 0
-        if self.kind == 'mamba2':
-            g = (Δ * A)[..., None]                                 # (..., H, 1)
-            beta = Δ[..., None] * r.float()[..., None, :]          # Δ·B_t
-            return g, beta, q.float()[..., None, :].expand_as(beta), None
+        if self.kind == 'mamba2':                                  # g = Δ·A, beta = Δ·B_t, q = C_t
+            return Gates(torch.ones_like(r[..., :1], dtype=torch.float32), r.float(), q.float(),
+                         A, Δ), None
         w, idx = self.route(r)                                     # (..., M)
-        if self.config.update_rate == 'slot':                      # Δ[t,i], shared by the heads
-            beta = (Δ * w)[..., None, :].expand(*w.shape[:-1], self.H, self.M)
-        else:                                                      # Δ[t,h]
-            beta = Δ[..., None] * w[..., None, :]                  # write strength of slot i: Δ·w
-        g = A[:, None] * beta                                      # log-decay of slot i: Δ·A·w <= 0
         if idx is not None:                                        # sparse: read only the k active
             q = q.float() * torch.zeros_like(w).scatter(-1, idx, 1.0)
-        return g, beta, q.float()[..., None, :].expand_as(beta), idx
+        if self.config.update_rate == 'slot':                      # Δ[t,i], shared by the heads
+            return Gates(Δ * w, Δ * w, q.float(), A, None), idx    # g = A·Δ_i·w_i, beta = Δ_i·w_i
+        return Gates(w, w, q.float(), A, Δ), idx                   # g = A·Δ_h·w_i, beta = Δ_h·w_i
 
-    def inputs(self, xrq, dt):
-        """The conv's output xrq (..., E·D + 2M) and dt -> the scan's inputs x (..., H, P) and
-        g, beta, q_read (..., H, M), and idx. Shared by the parallel forward and the step."""
-        x, r, q = torch.split(xrq, [self.d_inner, self.M, self.M], dim=-1)
-        x, q = F.silu(x), F.silu(q)
-        if self.kind == 'mamba2':
-            r = F.silu(r)                                          # Mamba-2's B; FM's r stays raw
-        g, beta, q_read, idx = self.gates(r, q, dt)
-        return x.unflatten(-1, (self.H, self.P)), g, beta, q_read, idx
+    def paper_gates(self, r, eta, mu):
+        """The paper's FM. r, eta, mu (..., M) from u. Slot i moves towards the value by θ_i,
+        S_i <- (1 - θ_i) S_i + θ_i x, and is read with φ_i: both follow the one affinity α.
+        Returns the Gates (per token, shared by the heads) and idx (..., k) or None."""
+        alpha, idx = self.route(r)                                 # (..., M), 0 off the top-k
+        theta = torch.sigmoid(eta.float()) * alpha                 # update weight, in [0, 1)
+        phi = torch.sigmoid(mu.float()) * alpha                    # merge (read) weight
+        # log(1 - θ) by log1p (exact near 0); θ -> 1 is a full overwrite, kept 1e-6 short of it
+        # so that the log and its gradient stay finite
+        gw = torch.log1p(-theta.clamp(max=1 - 1e-6))
+        return Gates(gw, theta, phi, None, None), idx
 
-    def split(self, zxrqdt):
-        return torch.split(zxrqdt, [self.d_inner, self.conv_dim, self.n_dt], dim=-1)
+    def inputs(self, conv_out, raw):
+        """The conv's output (..., conv_dim) and in_proj's other gate channels raw (..., n_raw) ->
+        the scan's inputs x (..., H, P) and Gates, the active slots idx and the router logits r.
+        Shared by the parallel forward and the step."""
+        if self.paper:
+            x = F.silu(conv_out)
+            r, eta, mu = torch.split(raw, [self.M] * 3, dim=-1)
+            gates, idx = self.paper_gates(r, eta, mu)
+        else:
+            x, r, q = torch.split(conv_out, [self.d_inner, self.M, self.M], dim=-1)
+            x, q = F.silu(x), F.silu(q)
+            if self.kind == 'mamba2':
+                r = F.silu(r)                                      # Mamba-2's B; FM's r stays raw
+            gates, idx = self.gates(r, q, raw)
+        return x.unflatten(-1, (self.H, self.P)), gates, idx, r
+
+    def split(self, proj):
+        """in_proj's output -> z, the conv's input, the other gate channels."""
+        return torch.split(proj, [self.d_inner, self.conv_dim, self.n_raw], dim=-1)
+
+    def router_logits(self, u):
+        """u (..., n_embd) -> the router logits r (..., M) the forward routes by (analysis)."""
+        z, conv_in, raw = self.split(self.in_proj(u))
+        return self.inputs(self.conv(conv_in)[0], raw)[3]
 
     def output(self, y, x, z):
         """y, x (..., H, P); z (..., E·D) -> (..., n_embd)."""
@@ -274,13 +355,13 @@ class RecurrentMixer(nn.Module):
     # --- parallel form -------------------------------------------------------
     def forward(self, u, return_cache=False):
         """u (B,T,n_embd) -> (B,T,n_embd), and with return_cache the cache to decode on from."""
-        z, xrq, dt = self.split(self.in_proj(u))
-        xrq_c, window = self.conv(xrq)
-        x, g, beta, q_read, idx = self.inputs(xrq_c, dt)            # (B,T,H,P), (B,T,H,M)
+        z, conv_in, raw = self.split(self.in_proj(u))
+        conv_out, window = self.conv(conv_in)
+        x, gates, idx, r = self.inputs(conv_out, raw)              # (B,T,H,P), factors (B,T,M)
         if self.training and self.balance != 'none':
-            self.track_load(xrq_c[..., self.d_inner:self.d_inner + self.M], idx)
+            self.track_load(r, idx)
         parallel_scan, _, _ = scan_impls(self.config, u.device)
-        y, S = parallel_scan(x, g, beta, q_read)
+        y, S = parallel_scan(x, *gates)
         out = self.output(y, x, z)
         if not return_cache:
             return out
@@ -294,8 +375,7 @@ class RecurrentMixer(nn.Module):
             self.aux_loss = switch_aux_loss(r, idx, self.M)
             return
         with torch.no_grad():
-            load = torch.bincount(idx.flatten(), minlength=self.M).float()   # (M,)
-            self.slot_load = load if self.slot_load is None else self.slot_load + load
+            self.slot_load += slot_counts(idx, self.M)
 
     @torch.no_grad()
     def update_router_bias(self, load):
@@ -306,9 +386,11 @@ class RecurrentMixer(nn.Module):
     # --- one token -----------------------------------------------------------
     def step(self, u, cache):
         """u (B,n_embd) -> (B,n_embd); updates cache in place. Cost does not grow with position."""
-        z, xrq, dt = self.split(self.in_proj(u))
-        xrq_c, cache.conv = self.conv.step(xrq, cache.conv)
-        x, g, beta, q_read, idx = self.inputs(xrq_c, dt)           # (B,H,P), (B,H,M), idx (B,k)
+        z, conv_in, raw = self.split(self.in_proj(u))
+        conv_out, cache.conv = self.conv.step(conv_in, cache.conv)
+        x, gates, idx, _ = self.inputs(conv_out, raw)              # (B,H,P), factors (B,M)
+        g, beta, q_read = scan.expand_gates(gates.gw, gates.bw, gates.q, self.H, gates.A,
+                                            gates.delta)           # (B,H,M), g (B,H,1) Mamba-2
         _, step, step_sparse = scan_impls(self.config, u.device)
         if idx is None:
             y, cache.S = step(cache.S, x, g, beta, q_read)
@@ -343,8 +425,9 @@ def router_usage(model, idx):
     if not all(isinstance(m, RecurrentMixer) and m.kind in ('fm', 'fm_sparse') for m in mixers):
         raise ValueError(f"router health is for the FM mixers (fm, fm_sparse), "
                          f"not {model.config.mixer}")
-    convs = {}   # the router logits are the r channels of the conv's output (B,T,E·D+2M)
-    hooks = [m.conv.register_forward_hook(lambda mod, i, out, m=m: convs.__setitem__(m, out[0]))
+    logits = {}   # each mixer's router logits r (B,T,M), from the input its forward got
+    hooks = [m.register_forward_hook(
+                 lambda mod, args, out: logits.__setitem__(mod, mod.router_logits(args[0])))
              for m in mixers]
     was_training = model.training
     model.eval()
@@ -358,11 +441,11 @@ def router_usage(model, idx):
         model.train(was_training)
     out = []
     for m in mixers:
-        w, sel = m.route(convs[m][..., m.d_inner:m.d_inner + m.M])   # (B,T,M), (B,T,k) or None
+        w, sel = m.route(logits[m])                                # (B,T,M), (B,T,k) or None
         if sel is None:
             share = w.flatten(0, -2).mean(0)
         else:
-            share = torch.bincount(sel.flatten(), minlength=m.M).float() / sel.numel()
+            share = slot_counts(sel, m.M) / sel.numel()
         out.append((share, w))
     return out
 
@@ -559,14 +642,14 @@ class LM(nn.Module):
         every rank moves its bias the same way) move its selection bias; then the counts restart."""
         mixers = [b.mixer for b in self.blocks
                   if isinstance(b.mixer, RecurrentMixer) and b.mixer.balance == 'bias']
-        if not mixers or mixers[0].slot_load is None:
+        if not mixers:
             return
-        loads = torch.stack([m.slot_load for m in mixers])        # (layers, M)
+        loads = torch.stack([m.slot_load for m in mixers])        # (layers, M), on the device
         if all_reduce is not None:
             all_reduce(loads)
         for m, load in zip(mixers, loads):
-            m.update_router_bias(load)
-            m.slot_load = None
+            m.update_router_bias(load)                             # no load counted: no change
+            m.slot_load.zero_()
 
     # --- recurrent decoding --------------------------------------------------
     @torch.no_grad()

@@ -4,6 +4,7 @@ k rows, every mixer can learn, and impossible configs fail with a clear error.""
 import pytest
 import torch
 
+import scan
 from model import LM, MIXERS, ModelConfig, RecurrentMixer
 
 
@@ -25,7 +26,8 @@ def decode_all(model, idx, n_prompt):
     return torch.cat([logits] + steps, dim=1), caches
 
 
-MODELS = [(m, {}) for m in MIXERS] + [('attention', dict(attn_conv=True))]
+MODELS = ([(m, {}) for m in MIXERS] + [('attention', dict(attn_conv=True))]
+          + [(m, dict(formulation='paper')) for m in ('fm', 'fm_sparse')])
 
 
 @pytest.mark.parametrize('mixer,kw', MODELS)
@@ -138,6 +140,12 @@ def test_impossible_configs_raise_a_clear_error(kw, field):
         tiny(kw.pop('mixer', 'fm'), **kw)
 
 
+def per_head(mixer, *args):
+    """mixer.gates(*args) expanded to the per-head g, beta, q_read the scan takes, and idx."""
+    gates, idx = mixer.gates(*args)
+    return (*scan.expand_gates(gates.gw, gates.bw, gates.q, mixer.H, gates.A, gates.delta), idx)
+
+
 def gate_inputs():
     torch.manual_seed(0)
     return torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 4)
@@ -146,7 +154,7 @@ def gate_inputs():
 def test_mamba2_gates_follow_the_equations():
     mixer = RecurrentMixer(tiny('mamba2'))
     r, q, dt = gate_inputs()                                     # r is Mamba-2's B, q its C
-    g, beta, q_read, idx = mixer.gates(r, q, dt)
+    g, beta, q_read, idx = per_head(mixer, r, q, dt)
     assert idx is None
     delta = torch.nn.functional.softplus(dt + mixer.dt_bias)
     A = -torch.exp(mixer.A_log)
@@ -163,7 +171,7 @@ def test_fm_gates_follow_the_equations(mixer, update_rate):
     r, q, dt = gate_inputs()
     if update_rate == 'slot':
         dt = torch.randn(5, 16)                                  # one rate per slot, shared by the 4 heads
-    g, beta, q_read, idx = m.gates(r, q, dt)
+    g, beta, q_read, idx = per_head(m, r, q, dt)
     delta = torch.nn.functional.softplus(dt + m.dt_bias)
     A = -torch.exp(m.A_log)
     if mixer == 'fm':
@@ -240,6 +248,98 @@ def test_per_head_rate_when_heads_equal_slots():
     assert m.H == m.M == 4
     torch.manual_seed(0)
     r, q, dt = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4)
-    g, beta, _, _ = m.gates(r, q, dt)
+    g, beta, _, _ = per_head(m, r, q, dt)
     delta = torch.nn.functional.softplus(dt + m.dt_bias)         # (5, H)
     assert torch.allclose(beta, delta[..., None] * r.softmax(-1)[:, None, :], atol=1e-7)
+
+
+@pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
+def test_paper_gates_follow_the_equations(mixer):
+    """formulation='paper': θ = σ(η)·α, g = log(1 - θ), beta = θ, q = φ = σ(μ)·α, α = softmax(r/τ)
+    (over the top-k for fm_sparse), the same in every head."""
+    m = RecurrentMixer(tiny(mixer, formulation='paper', router_temp=0.5))
+    torch.manual_seed(0)
+    r, eta, mu = torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 16)
+    gates, idx = m.paper_gates(r, eta, mu)
+    if mixer == 'fm':
+        alpha = (r / 0.5).softmax(-1)
+        assert idx is None
+    else:
+        top, top_idx = (r / 0.5).topk(4, dim=-1)
+        alpha = torch.zeros_like(r).scatter(-1, top_idx, top.softmax(-1))
+        assert torch.equal(idx.sort(-1).values, top_idx.sort(-1).values)
+    theta = torch.sigmoid(eta) * alpha
+    g, beta, q_read = scan.expand_gates(gates.gw, gates.bw, gates.q, m.H, gates.A, gates.delta)
+    assert torch.allclose(g, torch.log(1 - theta)[:, None, :].expand(5, m.H, 16), atol=1e-6)
+    assert torch.allclose(beta, theta[:, None, :].expand(5, m.H, 16))
+    assert torch.allclose(q_read, (torch.sigmoid(mu) * alpha)[:, None, :].expand(5, m.H, 16))
+    assert (g <= 0).all() and (beta < 1).all()               # a convex update: decay tied to write
+
+
+def test_paper_update_is_convex_at_full_affinity():
+    """k = 1: α = 1 on the chosen slot, so that slot moves to x by θ = σ(η), S <- (1-θ)S + θx,
+    and an η large enough that σ(η) rounds to 1 leaves g finite with a finite gradient."""
+    m = RecurrentMixer(tiny('fm_sparse', formulation='paper', top_k=1))
+    eta = torch.tensor([[0.0] * 16, [40.0] * 16], requires_grad=True)
+    gates, idx = m.paper_gates(torch.randn(2, 16), eta, torch.zeros(2, 16))
+    theta = gates.bw.gather(-1, idx)
+    assert torch.allclose(theta[0], torch.tensor([0.5]))
+    assert torch.allclose(gates.gw.gather(-1, idx)[0], torch.log(torch.tensor([0.5])))
+    assert torch.isfinite(gates.gw).all()
+    gates.gw.sum().backward()
+    assert torch.isfinite(eta.grad).all()
+
+
+@pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
+def test_paper_mixer_equals_its_equations(mixer):
+    """RecurrentMixer.forward, formulation='paper', against the equations longhand on scan_naive:
+    per slot S_i <- (1 - θ_i) S_i + θ_i x, y = sum_i φ_i S_i; the router reads u, not the conv."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    cfg = tiny(mixer, formulation='paper')
+    m = RecurrentMixer(cfg)
+    u = torch.randn(2, 11, cfg.n_embd)
+    E, M, H, P = cfg.expand * cfg.n_embd, cfg.n_slots, m.H, cfg.head_dim
+    with torch.no_grad():
+        z, x, r, eta, mu = torch.split(m.in_proj(u), [E, E, M, M, M], dim=-1)
+        x = F.conv1d(F.pad(x.transpose(1, 2), (cfg.d_conv - 1, 0)), m.conv.weight, m.conv.bias,
+                     groups=E).transpose(1, 2)
+        x = F.silu(x).view(2, 11, H, P)
+        if mixer == 'fm':
+            alpha = r.softmax(-1)
+        else:
+            top, idx = r.topk(cfg.top_k, dim=-1)
+            alpha = torch.zeros_like(r).scatter(-1, idx, top.softmax(-1))
+        theta = torch.sigmoid(eta) * alpha
+        phi = torch.sigmoid(mu) * alpha
+        S = torch.zeros(2, H, M, P)
+        ys = []
+        for t in range(11):
+            th = theta[:, t, None, :, None]                          # (B,1,M,1): every head
+            S = (1 - th) * S + th * x[:, t, :, None, :]
+            ys.append(torch.einsum('bm,bhmp->bhp', phi[:, t], S))
+        y = torch.stack(ys, 1)
+        y = (y + m.D_skip[:, None] * x).reshape(2, 11, E)
+        y = y * F.silu(z)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * m.norm.weight
+        expected = m.out_proj(y)
+        assert rel_err(m(u), expected) <= 1e-5
+
+
+def test_short_conv_step_equals_its_forward():
+    """The conv as shifted multiply-adds: its step equals its forward bit for bit, and both equal
+    conv1d."""
+    from model import ShortConv
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4)
+    x = torch.randn(2, 9, 6)
+    y, window = conv(x)
+    F = torch.nn.functional
+    ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight, conv.bias, groups=6)
+    assert torch.allclose(y, ref.transpose(1, 2), atol=1e-6)
+    w = conv.new_window(2, 'cpu')
+    with torch.no_grad():
+        for t in range(9):
+            yt, w = conv.step(x[:, t], w)
+            assert torch.equal(yt, y[:, t])
+    assert torch.equal(w, window)

@@ -113,7 +113,7 @@ def test_training_forwards_count_the_load_for_the_bias():
     model.update_router_bias()
     for b, load in zip(model.blocks, loads):
         torch.testing.assert_close(b.mixer.route_bias, 0.1 * torch.sign(load.mean() - load))
-        assert b.mixer.slot_load is None
+        assert (b.mixer.slot_load == 0).all()                     # the counts restart
 
 
 def test_decoding_with_a_selection_bias_equals_the_forward(scaled_model):
