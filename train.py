@@ -26,6 +26,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -67,7 +68,8 @@ class TrainConfig:
                                          #   | 'mps'
     dtype: str = 'auto'                  # 'auto' (bfloat16 autocast on CUDA, else float32)
                                          #   | 'float32' | 'bfloat16' | 'float16'
-    compile: bool = False                # torch.compile the model
+    compile: Optional[bool] = None       # torch.compile the model; None: where the device is CUDA
+                                         #   (as nanoGPT; on CPU the compile outweighs its gain)
     peak_flops: float = 0.0              # per device, for MFU; 0 = known GPUs' bf16 peak
     seed: int = 1337
 
@@ -178,6 +180,8 @@ local_rank = int(os.environ.get('LOCAL_RANK', 0))
 world = int(os.environ.get('WORLD_SIZE', 1))
 master = rank == 0
 device = resolve_device(cfg.device, local_rank)
+if cfg.compile is None:
+    cfg.compile = device.type == 'cuda'
 if ddp:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -338,16 +342,44 @@ def estimate_loss():
 
 
 # -----------------------------------------------------------------------------
-# the training loop
+# the training loop. The host reads the device only at log iterations and before evaluations
+# (nanoGPT's way): elsewhere it queues the next step while the GPU runs this one.
+
+
+def note_nonfinite(first_bad, it, loss, grad_norm):
+    """first_bad (iteration, loss, grad norm) of the first step whose loss, or unscaled gradient
+    norm, was not finite (iteration -1 while none), updated on the device: no host sync. A
+    float16 GradScaler skips non-finite gradients itself, so only its loss counts."""
+    bad = ~torch.isfinite(loss)
+    if not scaler.is_enabled():
+        bad = bad | ~torch.isfinite(grad_norm)
+    now = torch.stack([torch.tensor(float(it), device=device, dtype=torch.float64),
+                       loss.double(), grad_norm.double()])
+    return torch.where(bad & (first_bad[0] < 0), now, first_bad)
+
+
+def read_step(loss, grad_norm, first_bad):
+    """One host sync: this step's loss and grad norm; stops the run if any step since the last
+    read was not finite (its weights are then lost, but no checkpoint was written after it)."""
+    loss, grad_norm, *bad = torch.cat([loss.double()[None], grad_norm.double()[None],
+                                       first_bad]).tolist()
+    if bad[0] >= 0:
+        stop(f"the loss is {bad[1]} (gradient norm {bad[2]}) at iter {int(bad[0])}, not finite")
+    return loss, grad_norm
+
 
 t_start = time.time()
 step_time, step_count = 0.0, 0
 last_val = None
+first_bad = torch.tensor([-1.0, 0.0, 0.0], device=device, dtype=torch.float64)
 while True:
     # evaluate and checkpoint (not again at the iteration a resumed run starts from)
     if ((iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters)
             and not (start_iter and iter_num == start_iter)):
+        t_eval = time.time()
         losses = estimate_loss()
+        if iter_num == start_iter and cfg.compile:
+            log(f"compiling: the first evaluation took {time.time() - t_eval:.1f} s")
         last_val = losses['val']
         record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
                   'time_s': round(time.time() - t_start, 3)}
@@ -399,18 +431,22 @@ while True:
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                cfg.grad_clip or float('inf'))
-    loss_val, grad_norm = loss_sum.item(), grad_norm.item()
-    if not math.isfinite(loss_val) or (not scaler.is_enabled() and not math.isfinite(grad_norm)):
-        stop(f"the loss is {loss_val} (gradient norm {grad_norm}) at iter {iter_num}, not finite")
+    first_bad = note_nonfinite(first_bad, iter_num, loss_sum, grad_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     raw_model.update_router_bias(dist.all_reduce if ddp else None)   # router_balance='bias' only
-    step_time += time.time() - t0
+    logged = iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters - 1
+    # before an evaluation too, so that no checkpoint holds a step after a non-finite one
+    if logged or (iter_num + 1) % cfg.eval_interval == 0 or iter_num == start_iter:
+        loss_val, grad_norm = read_step(loss_sum, grad_norm, first_bad)
+    step_time += time.time() - t0   # the read above waited for the GPU: the time is the GPU's
     step_count += 1
     tokens_seen += tokens_per_iter
+    if iter_num == start_iter and cfg.compile:
+        log(f"compiling: the first step took {step_time:.1f} s")
 
-    if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters - 1:
+    if logged:
         ms = 1000 * step_time / step_count
         tps = tokens_per_iter * step_count / step_time
         record = {'iter': iter_num, 'loss': loss_val, 'lr': lr, 'grad_norm': grad_norm,

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import random
+import re
 import runpy
 import subprocess
 import sys
@@ -369,23 +370,53 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']   # no temporary file left behind
 
 
-def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch):
+def nan_after(monkeypatch, n_calls):
+    """LM.forward's loss is NaN from its (n_calls+1)-th call on."""
     real_forward = model.LM.forward
     calls = {'n': 0}
 
     def forward(self, idx, targets=None):
         logits, loss = real_forward(self, idx, targets)
         calls['n'] += 1
-        # eval at 0 (2 splits x 2 batches), 10 steps, eval at 10: 18 calls; then the loss blows up
-        if calls['n'] > 18 and loss is not None:
+        if calls['n'] > n_calls and loss is not None:
             loss = loss * float('nan')
         return logits, loss
     monkeypatch.setattr(model.LM, 'forward', forward)
+
+
+# eval at 0 (2 splits x 2 batches), 10 steps, eval at 10: 18 calls; steps 10, 11: 20
+@pytest.mark.parametrize('calls,log_interval,bad_iter', [
+    (18, 1, 10),    # read every step
+    (20, 5, 12),    # read at the log interval (iter 15): the message names the first bad step
+    (20, 25, 12),   # no log before iter 25: read before the evaluation at 20, which then never runs
+])
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch, calls, log_interval,
+                                                        bad_iter):
+    nan_after(monkeypatch, calls)
     with pytest.raises(SystemExit) as e:
-        train_in_process(monkeypatch, *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=30')
+        train_in_process(monkeypatch, *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--max_iters=30',
+                         f'--log_interval={log_interval}')
     msg = str(e.value.code)
-    assert 'not finite' in msg and 'iter 10' in msg and 'last good checkpoint' in msg and '\n' not in msg
+    assert msg.startswith('train.py: the loss is nan'), msg       # the training step's guard, not the evaluation's
+    assert 'not finite' in msg and f'at iter {bad_iter},' in msg and 'last good checkpoint' in msg and '\n' not in msg
     assert common.load_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num'] == 10
+    logged = [r['iter'] for r in read_log(tmp_path)]
+    assert max(logged) < 20 and all(r < bad_iter for r in logged if r > 10)   # nothing logged after the bad step
+
+
+def test_compile_defaults_off_on_cpu_and_logs_its_wait(data_dir, tmp_path, monkeypatch, capsys):
+    g = train_in_process(monkeypatch, *[a for a in TINY if not a.startswith('--compile')], f'--data_dir={data_dir}',
+                         f'--out_dir={tmp_path / "a"}', '--max_iters=2')
+    assert g['cfg'].compile is False and g['model'] is g['raw_model']
+    assert 'compiling' not in capsys.readouterr().out
+    compiled = []
+    monkeypatch.setattr(torch, 'compile', lambda m: compiled.append(m) or m)   # the wait, not the compiler
+    train_in_process(monkeypatch, *TINY, '--compile=True', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "b"}',
+                     '--max_iters=2')
+    out = capsys.readouterr().out
+    assert len(compiled) == 1
+    assert re.search(r'compiling: the first evaluation took \d+\.\d s', out), out
+    assert len(re.findall(r'compiling: the first step took \d+\.\d s', out)) == 1, out
 
 
 def test_bad_paths_exit_with_one_line(runs, data_dir, tmp_path, monkeypatch):
