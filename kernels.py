@@ -1,7 +1,8 @@
 """
-Triton kernels for the Factorization Memory scan: the chunked scan (forward and backward, as a
-torch.autograd.Function) and the one-token decode steps. They compute what scan.py defines
-(scan_naive); docs/scan.md derives the math.
+Triton kernels for the Factorization Memory scan: the chunked scan (forward and backward, as
+custom ops with autograd), on per-head gates (scan_triton) or on a layer's factored gates
+(scan_factored), and the one-token decode steps. They compute what scan.py defines (scan_naive,
+expand_gates); docs/scan.md derives the math.
 
 Per (batch, head), a memory S of M slots (rows) of width P:
 
@@ -63,6 +64,23 @@ Where this file differs from scan.py's scan_chunked, and why:
 - Nothing is padded: loads past T are masked to 0 (g = 0: no decay, beta = q = 0: no write or
   read, x = dy = 0), so the last chunk's tail is exact, and stores past T are masked off.
 
+The factored entry, scan_factored (scan.py: scan_factored = expand_gates, then scan_chunked):
+- The gates come as their factors, g = A[h] delta[b,t,h] gw[b,t,i], beta = delta bw, q_read = q
+  (scan.expand_gates), and every stage forms head h's g, beta, q per tile in registers (FACT,
+  HAS_D, HAS_A): the (B,T,M) factor rows are shared by the H programs of a token (cache hits),
+  and no (B,T,H,M) gate tensor is made. scan.py expands them (expand_gates) and runs the
+  per-head scan: on a CPU the expanded views cost nothing until autograd sums them; on a GPU
+  the three (B,T,H,M) fp32 tensors and their gradients were most of a layer's HBM bytes.
+- The factors' gradients are summed over the heads in the two backward sweeps, by atomic adds
+  into (B,T,M) fp32 buffers (dbw = sum_h delta dbeta_h, dq = sum_h dq_h, dgw = sum_h A delta
+  dg_h) and (B,T,H) ones (gsum = sum_i gw dg_h, bsum = sum_i bw dbeta_h; the glue turns them into
+  ddelta = A gsum + bsum and dA = sum delta gsum). scan.py has autograd sum expand_gates' views.
+- Per head, dbeta_h then never leaves _chunk_dx_dbeta_bwd, so dg_h is split between the sweeps:
+  dg_t = K[c] - sum_{t0c <= t' < t} (q dq - beta dbeta)_t' = (K[c] + TotB[c] - sum_{t'<t} (q dq))
+  - Suf_t, with Suf_t = sum_{t' >= t in c} (beta dbeta)_t' (the reverse sweep's running sum) and
+  TotB[c] its chunk total ((B,H,n,M), 1/C of a gate tensor): the reverse sweep adds the heads'
+  shares of -Suf, the forward sweep (which has dq) those of the rest.
+
 Each stage is one @triton.jit kernel; the index, mask and load code they share (program to slots
 and columns, sub-chunk rows and masks, tile and row loads) is in small device helpers that Triton
 inlines, named _tile_* (every other @triton.jit in this file is a launched kernel).
@@ -102,11 +120,14 @@ STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 regi
 # -----------------------------------------------------------------------------
 # Chunked scan: stage 1 (chunk state, forward and reverse), stage 2 (state pass, both
 # directions), stage 3 (chunk output) and its two backward sweeps (dx/dbeta, dq/dg).
-# Layouts: x, dy, y, dx (B,T,H,P); g (B,T,H,GM), GM = M or 1 (broadcast); beta, q, dbeta,
-# dq (B,T,H,M); per-chunk states (B,H,n,M,P) fp32; chunk totals Gc (B,H,n,GM) fp32. Row t
-# of (B,T,H) is row0 + t*H. Steps t >= T (the last chunk's tail) are masked loads (0) and
-# masked stores: nothing is padded. Inside sub-chunk a (steps t0..t0+L-1), Gl_t = sum of g
-# from t0 to t is the decay since the sub-chunk's start r (G_t - G_r) and Gl_end its total.
+# Layouts: x, dy, y, dx (B,T,H,P); per-head gates g (B,T,H,GM), GM = M or 1 (broadcast), beta,
+# q, dbeta, dq (B,T,H,M); factored gates (FACT) gw (B,T,GM), bw, q (B,T,M), delta (B,T,H),
+# A (H); per-chunk states (B,H,n,M,P) fp32; chunk totals Gc (B,H,n,GM) fp32. Row t of (B,T,H)
+# is row0 + t*H (x, dy, y, dx, delta); a gate's row is grow0 + t*gstep: the same row for
+# per-head gates, b*T + t for factored ones. Steps t >= T (the last chunk's tail) are masked
+# loads (0) and masked stores: nothing is padded. Inside sub-chunk a (steps t0..t0+L-1), Gl_t =
+# sum of g from t0 to t is the decay since the sub-chunk's start r (G_t - G_r) and Gl_end its
+# total.
 # -----------------------------------------------------------------------------
 
 # Shared tile loaders, not stages: the index, mask and load code the kernels have in common, as
@@ -124,6 +145,22 @@ def _tile_block(bh, mb, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, B
     else:
         gm = m
     return b, h, m, p, m < M, p < P, gm
+
+
+@triton.jit
+def _tile_gate_rows(b, h, T, H, A, FACT: tl.constexpr, HAS_A: tl.constexpr):
+    """Head h of batch b: row0, its first row of (B,T,H); grow0 and gstep, its gates' first row
+    and the step between rows; a_h = A[h] (1 without A)."""
+    row0 = b * T * H + h
+    if FACT:
+        grow0, gstep = b * T, 1                                      # shared by the heads
+    else:
+        grow0, gstep = row0, H
+    if HAS_A:
+        a_h = tl.load(A + h).to(tl.float32)
+    else:
+        a_h = 1.0
+    return row0, grow0, gstep, a_h
 
 
 @triton.jit
@@ -145,13 +182,38 @@ def _tile_store_rows(ptr, row, col, N: tl.constexpr, val, mask):
 
 
 @triton.jit
-def _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM: tl.constexpr, L: tl.constexpr):
-    """Sub-chunk steps t = t0..t0+L-1: their rows, t < T, the (L,BM) and (L,BP) masks, and g_a."""
+def _tile_add_rows(ptr, row, col, N: tl.constexpr, val, mask):
+    """ptr[row, col] += val where mask, atomically: ptr's (..., N) fp32 rows gather the heads'
+    shares of a factor's gradient (programs of other heads add to the same rows)."""
+    tl.atomic_add(ptr + row[:, None] * N + col[None, :], val, mask=mask, sem='relaxed')
+
+
+@triton.jit
+def _tile_sub_chunk(g, delta, row0, grow0, gstep, a_h, t0, m_ok, p_ok, gm, T, H,
+                    GM: tl.constexpr, L: tl.constexpr, HAS_D: tl.constexpr):
+    """Sub-chunk steps t = t0..t0+L-1: their rows, gate rows, t < T, the (L,BM) and (L,BP) masks,
+    g_a = a_h * d_a * g (the log-decays of head h) and d_a = delta there ((L,), 1 without)."""
     l = tl.arange(0, L)
     t_ok = t0 + l < T
-    row = row0 + (t0 + l) * H
+    row, grow = row0 + (t0 + l) * H, grow0 + (t0 + l) * gstep
     mk, pk = t_ok[:, None] & m_ok[None, :], t_ok[:, None] & p_ok[None, :]
-    return row, t_ok, mk, pk, _tile_rows(g, row, gm, GM, mk)
+    g_a = _tile_rows(g, grow, gm, GM, mk)
+    if HAS_D:
+        d_a = tl.load(delta + row, mask=t_ok, other=0.0).to(tl.float32)
+        g_a = g_a * (a_h * d_a)[:, None]
+    else:
+        d_a = tl.full([L], 1.0, tl.float32)
+        g_a = g_a * a_h
+    return row, grow, t_ok, mk, pk, g_a, d_a
+
+
+@triton.jit
+def _tile_scaled_rows(ptr, grow, m, M: tl.constexpr, mk, d_a, HAS_D: tl.constexpr):
+    """A write-strength tile: beta's rows, or delta * bw for factored gates."""
+    k_a = _tile_rows(ptr, grow, m, M, mk)
+    if HAS_D:
+        k_a = k_a * d_a[:, None]
+    return k_a
 
 
 @triton.jit
@@ -162,14 +224,37 @@ def _tile_decays(g_a, L: tl.constexpr):
 
 
 @triton.jit
-def _tile_step(k, u, g, row0, t, T, H, m, p, gm, M: tl.constexpr, P: tl.constexpr,
-               GM: tl.constexpr):
-    """Step t's k (slots m), u (columns p) and e^{g_t}, in fp32: 0, 0 and 1 at t >= T."""
-    row = row0 + t * H
+def _tile_step(k, u, g, delta, row0, grow0, gstep, a_h, t, T, H, m, p, gm, M: tl.constexpr,
+               P: tl.constexpr, GM: tl.constexpr, KD: tl.constexpr, HAS_D: tl.constexpr):
+    """Step t's k (slots m; times delta_t when KD: k is a write strength), u (columns p) and
+    e^{g_t} (g_t = a_h * delta_t * g), in fp32: 0, 0 and 1 at t >= T."""
+    row, grow = row0 + t * H, grow0 + t * gstep
     m_t, p_t = tl.where(t < T, M, 0), tl.where(t < T, P, 0)         # nothing at t >= T
-    k_t = tl.load(k + row * M + m, mask=m < m_t, other=0.0).to(tl.float32)
+    k_t = tl.load(k + grow * M + m, mask=m < m_t, other=0.0).to(tl.float32)
     u_t = tl.load(u + row * P + p, mask=p < p_t, other=0.0).to(tl.float32)
-    return k_t, u_t, tl.exp(tl.load(g + row * GM + gm, mask=m < m_t, other=0.0).to(tl.float32))
+    g_t = tl.load(g + grow * GM + gm, mask=m < m_t, other=0.0).to(tl.float32)
+    if HAS_D:
+        d_t = tl.load(delta + row, mask=t < T, other=0.0).to(tl.float32)
+        g_t = g_t * (a_h * d_t)
+        if KD:
+            k_t = k_t * d_t
+    else:
+        g_t = g_t * a_h
+    return k_t, u_t, tl.exp(g_t)
+
+
+@triton.jit
+def _tile_decay_shares(dgw, gsum, g, grow, row, gm, a_h, d_a, dg_a, t_ok, mk, GM: tl.constexpr):
+    """Head h's share of the factored decay's gradients, from dg_a (L,BM), a part of dL/dg_h:
+        dgw[t,i] += a_h d_t dg_ti  (summed over the slots i when GM = 1)
+        gsum[t,h] += sum_i gw_ti dg_ti    (ddelta = A gsum + bsum, dA = sum_{b,t} delta gsum)"""
+    gw_a = _tile_rows(g, grow, gm, GM, mk)
+    tl.atomic_add(gsum + row, tl.sum(gw_a * dg_a, 1), mask=t_ok, sem='relaxed')
+    share = (a_h * d_a)[:, None] * dg_a
+    if GM == 1:
+        tl.atomic_add(dgw + grow, tl.sum(share, 1), mask=t_ok, sem='relaxed')
+    else:
+        _tile_add_rows(dgw, grow, gm, GM, share, mk)
 
 
 @triton.jit
@@ -180,12 +265,16 @@ def _tile_gates(g, beta, q, i, mask):
             tl.load(q + i, mask=mask, other=0.0).to(tl.float32))
 
 
-# The stages.
+# The stages. Each takes the gates per head (FACT off: g, beta, q (B,T,H,.)) or factored (FACT:
+# g = gw, beta = bw, q (B,T,.), with delta (HAS_D) and A (HAS_A)) and forms head h's
+# g = A[h] delta gw, beta = delta bw, q in registers; delta and A are unused (any pointer) where
+# their flags are off.
 
 @triton.jit
-def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                 BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
-                 PREC: tl.constexpr, REVERSE: tl.constexpr):
+def _chunk_state(u, g, k, delta, A, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr,
+                 BM: tl.constexpr, BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr,
+                 L: tl.constexpr, PREC: tl.constexpr, REVERSE: tl.constexpr, FACT: tl.constexpr,
+                 HAS_D: tl.constexpr, HAS_A: tl.constexpr):
     """Stage 1, each chunk's own contribution to the state passed between chunks:
         forward  (k=beta, u=x):  dS_c = sum_{s in c} (beta_s * e^{G_C - G_s})^T x_s
                                  (seen at the chunk's end)
@@ -193,12 +282,13 @@ def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM
                                  (seen at its start)
     accumulated sub-chunk by sub-chunk with the reference at the sub-chunk's end (forward) or
     start (reverse), acc <- e^{Gl_end} * acc + ..., so every exponent is local and <= 0.
-    u (B,T,H,P); g (B,T,H,GM); k (B,T,H,M); states (B,H,n,M,P) fp32 <- dS_c or dD_c;
-    forward only: Gc (B,H,n,GM) fp32 <- G_C, the chunk's total decay. Grid (n, B*H, cdiv(M,BM))."""
+    u (B,T,H,P); g (B,T,H,GM) or gw (B,T,GM); k (B,T,H,M) or (B,T,M); states (B,H,n,M,P) fp32
+    <- dS_c or dD_c; forward only: Gc (B,H,n,GM) fp32 <- G_C, the chunk's total decay.
+    Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
-    row0 = b * T * H + h
+    row0, grow0, gstep, a_h = _tile_gate_rows(b, h, T, H, A, FACT, HAS_A)
     acc = tl.zeros([BM, BP], tl.float32)
     G_C = tl.zeros([BM], tl.float32)
     for i in range(C // L):
@@ -206,14 +296,14 @@ def _chunk_state(u, g, k, states, Gc, T, H, M: tl.constexpr, P: tl.constexpr, BM
             t0 = c * C + (C // L - 1 - i) * L
         else:
             t0 = c * C + i * L
-        row, t_ok, mk, pk, g_a = _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
-        k_a = _tile_rows(k, row, m, M, mk)
+        row, grow, t_ok, mk, pk, g_a, d_a = _tile_sub_chunk(g, delta, row0, grow0, gstep, a_h, t0,
+                                                            m_ok, p_ok, gm, T, H, GM, L, HAS_D)
         u_a = _tile_rows(u, row, p, P, pk)
         Gl, Gl_end = _tile_decays(g_a, L)
         if REVERSE:
-            k_a = k_a * tl.exp(Gl)
+            k_a = _tile_rows(k, grow, m, M, mk) * tl.exp(Gl)
         else:
-            k_a = k_a * tl.exp(Gl_end[None, :] - Gl)
+            k_a = _tile_scaled_rows(k, grow, m, M, mk, d_a, HAS_D) * tl.exp(Gl_end[None, :] - Gl)
         acc = tl.exp(Gl_end)[:, None] * acc + tl.dot(tl.trans(k_a), u_a, input_precision=PREC)
         G_C += Gl_end
     tl.store(states + (((b * H + h) * n + c) * M + m[:, None]) * P + p[None, :], acc,
@@ -257,27 +347,31 @@ def _state_pass(states, Gc, S0, S_last, H, n, M: tl.constexpr, P: tl.constexpr, 
 
 
 @triton.jit
-def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.constexpr,
-                      BM: tl.constexpr, BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr,
-                      L: tl.constexpr, PREC: tl.constexpr):
+def _chunk_output_fwd(x, g, beta, q, delta, A, states, y, T, H, M: tl.constexpr,
+                      P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, GM: tl.constexpr,
+                      C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr, FACT: tl.constexpr,
+                      HAS_D: tl.constexpr, HAS_A: tl.constexpr):
     """Stage 3, y for one chunk and one block of slots, sub-chunk by sub-chunk (a), W held at the
     step r before a (W = S_in[c] at a = 0):
         y_a = (q_a * e^{Gl_a}) W + A_a x_a,  A_a[t,s] = sum_i q_ti beta_si e^{Gl_ti - Gl_si}, s <= t
         W  <- e^{Gl_end} * W + (beta_a * e^{Gl_end - Gl_a})^T x_a
-    x (B,T,H,P); g (B,T,H,GM); beta, q (B,T,H,M); states (B,H,n,M,P) fp32 = S_in;
-    y <- y_a: (B,T,H,P) in x's dtype with one slot block (M <= 64), else (cdiv(M,BM),B,T,H,P) fp32,
-    each block's share. Grid (n, B*H, cdiv(M,BM))."""
+    x (B,T,H,P); g (B,T,H,GM) or gw (B,T,GM); beta, q (B,T,H,M) or bw, q (B,T,M); states
+    (B,H,n,M,P) fp32 = S_in; y <- y_a: (B,T,H,P) in x's dtype with one slot block (M <= 64),
+    else (cdiv(M,BM),B,T,H,P) fp32, each block's share. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
-    row0, l = b * T * H + h, tl.arange(0, L)
+    row0, grow0, gstep, a_h = _tile_gate_rows(b, h, T, H, A, FACT, HAS_A)
+    l = tl.arange(0, L)
     y += mb.to(tl.int64) * tl.num_programs(1) * T * P
     W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     for a in range(C // L):
         t0 = c * C + a * L
-        row, t_ok, mk, pk, g_a = _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        row, grow, t_ok, mk, pk, g_a, d_a = _tile_sub_chunk(g, delta, row0, grow0, gstep, a_h, t0,
+                                                            m_ok, p_ok, gm, T, H, GM, L, HAS_D)
         Gl, Gl_end = _tile_decays(g_a, L)
-        beta_a, q_a = _tile_rows(beta, row, m, M, mk), _tile_rows(q, row, m, M, mk)
+        beta_a = _tile_scaled_rows(beta, grow, m, M, mk, d_a, HAS_D)
+        q_a = _tile_rows(q, grow, m, M, mk)
         x_a = _tile_rows(x, row, p, P, pk)
         y_a = tl.dot(q_a * tl.exp(Gl), W, input_precision=PREC)
         # diagonal block, pairwise, one column s = t0 + j of A_a at a time, from the last (no
@@ -286,7 +380,8 @@ def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.con
         decay, a_next = tl.zeros([L, BM], tl.float32), tl.zeros([BM], tl.float32)
         for jj in range(L):
             j = L - 1 - jj
-            beta_s, x_s, a_s = _tile_step(beta, x, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
+            beta_s, x_s, a_s = _tile_step(beta, x, g, delta, row0, grow0, gstep, a_h, t0 + j, T,
+                                          H, m, p, gm, M, P, GM, True, HAS_D)
             decay, a_next = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :]), a_s
             A_s = tl.sum(q_a * beta_s[None, :] * decay, 1)               # A_a[:, s]
             y_a += A_s[:, None] * x_s[None, :]
@@ -296,27 +391,40 @@ def _chunk_output_fwd(x, g, beta, q, states, y, T, H, M: tl.constexpr, P: tl.con
 
 
 @triton.jit
-def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.constexpr,
-                        P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, GM: tl.constexpr,
-                        C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
+def _chunk_dx_dbeta_bwd(x, g, beta, q, delta, A, dy, states, dx, dbeta, TotB, dgw, gsum, bsum,
+                        T, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
+                        BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
+                        PREC: tl.constexpr, FACT: tl.constexpr, HAS_D: tl.constexpr,
+                        HAS_A: tl.constexpr):
     """Backward, reverse sweep: dx_s = D_s^T beta_s and dbeta_s = D_s x_s, sub-chunk by sub-chunk
     from the last, with the adjoint W held at the last step of sub-chunk a (W = E[c] at first):
         D_s = e^{Gl_end - Gl_s} * W + sum_{t>=s in a} e^{Gl_t - Gl_s} * q_t dy_t^T
         W  <- e^{Gl_end} * W + (q_a * e^{Gl_a})^T dy_a                 (now at the step before a)
-    x, dy (B,T,H,P); g (B,T,H,GM); beta, q (B,T,H,M); states (B,H,n,M,P) fp32 = E;
-    dx <- (B,T,H,P) in x's dtype with one slot block, else (cdiv(M,BM),B,T,H,P) fp32 shares;
-    dbeta <- (B,T,H,M) fp32. Grid (n, B*H, cdiv(M,BM))."""
+    x, dy (B,T,H,P); g, beta, q per head or factored (FACT); states (B,H,n,M,P) fp32 = E;
+    dx <- (B,T,H,P) in x's dtype with one slot block, else (cdiv(M,BM),B,T,H,P) fp32 shares.
+    Per-head gates: dbeta <- (B,T,H,M) fp32 (TotB, dgw, gsum, bsum unused).
+    Factored gates: head h's dbeta_h stays in registers; added over the heads (atomically):
+        dbeta (B,T,M) fp32 += delta dbeta_h  (= dbw),    bsum (B,T,H) fp32 += sum_i bw dbeta_h,
+    and this kernel's part of dg_h, the sum of beta*dbeta from t to the chunk's end (the other
+    part, in _chunk_dq_dg_bwd, needs only q*dq: dg_t = K[c] + TotB[c] - Suf_t - sum_{t' < t}
+    (q dq)_t' with Suf_t = sum_{t <= t' in c} (beta dbeta)_t' and TotB[c] its chunk total):
+        dgw (B,T,GM), gsum (B,T,H) fp32 += _tile_decay_shares(-Suf),
+        TotB (B,H,n,M) fp32 <- TotB[c].
+    Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
-    row0, l = b * T * H + h, tl.arange(0, L)
+    row0, grow0, gstep, a_h = _tile_gate_rows(b, h, T, H, A, FACT, HAS_A)
+    l = tl.arange(0, L)
     W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     dx += mb.to(tl.int64) * tl.num_programs(1) * T * P
+    suf = tl.zeros([BM], tl.float32)                  # FACT: beta*dbeta summed over later steps
     for i in range(C // L):
         t0 = c * C + (C // L - 1 - i) * L
-        row, t_ok, mk, pk, g_a = _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        row, grow, t_ok, mk, pk, g_a, d_a = _tile_sub_chunk(g, delta, row0, grow0, gstep, a_h, t0,
+                                                            m_ok, p_ok, gm, T, H, GM, L, HAS_D)
         Gl, Gl_end = _tile_decays(g_a, L)
-        beta_a = _tile_rows(beta, row, m, M, mk)
+        beta_a = _tile_scaled_rows(beta, grow, m, M, mk, d_a, HAS_D)
         x_a = _tile_rows(x, row, p, P, pk)
         decay_r = tl.exp(Gl_end[None, :] - Gl)
         dx_a = tl.dot(beta_a * decay_r, W, input_precision=PREC)
@@ -327,26 +435,41 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, dy, states, dx, dbeta, T, H, M: tl.conste
         # 1 at s = t
         decay = tl.zeros([L, BM], tl.float32)
         for j in range(L):
-            q_t, dy_t, a_t = _tile_step(q, dy, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
+            q_t, dy_t, a_t = _tile_step(q, dy, g, delta, row0, grow0, gstep, a_h, t0 + j, T, H,
+                                        m, p, gm, M, P, GM, False, HAS_D)
             decay = tl.where(l[:, None] == j, 1.0, decay * a_t[None, :])
             A_t = tl.sum(beta_a * q_t[None, :] * decay, 1)               # A_a[t, :]
             dx_a += A_t[:, None] * dy_t[None, :]
             x_dy = tl.sum(x_a * dy_t[None, :], 1)                         # x_s . dy_t
             dbeta_a += x_dy[:, None] * q_t[None, :] * decay
         _tile_store_rows(dx, row, p, P, dx_a, pk)
-        _tile_store_rows(dbeta, row, m, M, dbeta_a, mk)
+        if FACT:
+            bw_a = _tile_rows(beta, grow, m, M, mk)                       # a cache hit
+            _tile_add_rows(dbeta, grow, m, M, d_a[:, None] * dbeta_a, mk)
+            bdb = bw_a * dbeta_a
+            tl.atomic_add(bsum + row, tl.sum(bdb, 1), mask=t_ok, sem='relaxed')
+            bdb = d_a[:, None] * bdb                                      # beta_h * dbeta_h
+            tot = tl.sum(bdb, 0)
+            Suf = (suf + tot)[None, :] - (tl.cumsum(bdb, 0) - bdb)        # from t to c's end
+            suf += tot
+            _tile_decay_shares(dgw, gsum, g, grow, row, gm, a_h, d_a, -Suf, t_ok, mk, GM)
+        else:
+            _tile_store_rows(dbeta, row, m, M, dbeta_a, mk)
         # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held
         # through it
-        q_a = _tile_rows(q, row, m, M, mk)
+        q_a = _tile_rows(q, grow, m, M, mk)
         dy_a = _tile_rows(dy, row, p, P, pk)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a,
                                                   input_precision=PREC)
+    if FACT:
+        tl.store(TotB + ((b * H + h) * n + c) * M + m, suf, mask=m_ok)
 
 
 @triton.jit
-def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: tl.constexpr,
-                     P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, GM: tl.constexpr,
-                     C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
+def _chunk_dq_dg_bwd(x, g, beta, q, delta, A, dy, states, E, dS0, dbeta, TotB, dq, dg, gsum,
+                     T, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
+                     GM: tl.constexpr, C: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
+                     FACT: tl.constexpr, HAS_D: tl.constexpr, HAS_A: tl.constexpr):
     """Backward, forward sweep: dq_t = S_t dy_t, reading the states as stage 3 does, and the
     decay gradient dg_t = sum_{t' >= t} dG_t', dG = q*dq - beta*dbeta:
         dq_a = e^{Gl_a} * (dy_a W^T) + sum_{s<=t in a} e^{Gl_t - Gl_s} * beta_s (dy_t . x_s)
@@ -356,27 +479,35 @@ def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: 
     K[c] is dg at the chunk's first step t0c, exactly: dg_t = sum_p (e^{g_t} S_{t-1}) * D_t and
     E[c-1] = e^{g_t0c} D_t0c (the reverse state pass). So every later step's gradient, the final
     state's included, is carried into the chunk by the state pass: no reverse cumsum over T.
-    x, dy (B,T,H,P); g (B,T,H,GM); beta, q, dbeta (fp32) (B,T,H,M); states = S_in, E (B,H,n,M,P)
-    fp32; dS0 (B,H,M,P) fp32; dq <- (B,T,H,M) in q's dtype; dg <- (B,T,H,M) in g's dtype, or for
-    GM = 1 summed over slots: (B,T,H,1) with one slot block, else (cdiv(M,BM),B,T,H,1) fp32 shares.
+    x, dy (B,T,H,P); states = S_in, E (B,H,n,M,P) fp32; dS0 (B,H,M,P) fp32.
+    Per-head gates g (B,T,H,GM), beta, q, dbeta (fp32) (B,T,H,M): dq <- (B,T,H,M) in q's dtype;
+    dg <- (B,T,H,M) in g's dtype, or for GM = 1 summed over slots: (B,T,H,1) with one slot
+    block, else (cdiv(M,BM),B,T,H,1) fp32 shares (TotB, gsum unused).
+    Factored gates (FACT; dbeta unused): dG = q*dq only, from K[c] + TotB[c] (_chunk_dx_dbeta_bwd
+    has the beta*dbeta part); added over the heads (atomically): dq (B,T,M) fp32 += dq_h, and
+    dg = dgw (B,T,GM), gsum (B,T,H) fp32 += _tile_decay_shares(dg part).
     Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
     b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
-    row0, l = b * T * H + h, tl.arange(0, L)
+    row0, grow0, gstep, a_h = _tile_gate_rows(b, h, T, H, A, FACT, HAS_A)
+    l = tl.arange(0, L)
     W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
     later = (m[:, None] < tl.where(c > 0, M, 0)) & p_ok[None, :]     # E[c-1] (dS_initial at c = 0)
     first = (m[:, None] < tl.where(c == 0, M, 0)) & p_ok[None, :]
     E_prev = (_tile_matrix(E, (b * H + h) * n + c - 1, m, p, later, M, P)
               + _tile_matrix(dS0, b * H + h, m, p, first, M, P))
     K = tl.sum(W * E_prev, 1)                                        # dg at the chunk's first step
-    if GM == 1:
+    if FACT:
+        K += tl.load(TotB + ((b * H + h) * n + c) * M + m, mask=m_ok, other=0.0)
+    elif GM == 1:
         dg += mb.to(tl.int64) * tl.num_programs(1) * T
     for a in range(C // L):
         t0 = c * C + a * L
-        row, t_ok, mk, pk, g_a = _tile_sub_chunk(g, row0, t0, m_ok, p_ok, gm, T, H, GM, L)
+        row, grow, t_ok, mk, pk, g_a, d_a = _tile_sub_chunk(g, delta, row0, grow0, gstep, a_h, t0,
+                                                            m_ok, p_ok, gm, T, H, GM, L, HAS_D)
         Gl, Gl_end = _tile_decays(g_a, L)
-        beta_a = _tile_rows(beta, row, m, M, mk)
+        beta_a = _tile_scaled_rows(beta, grow, m, M, mk, d_a, HAS_D)
         x_a, dy_a = _tile_rows(x, row, p, P, pk), _tile_rows(dy, row, p, P, pk)
         dq_a = tl.exp(Gl) * tl.dot(dy_a, tl.trans(W), input_precision=PREC)
         # diagonal block, pairwise, one earlier step s = t0 + j at a time:
@@ -385,18 +516,24 @@ def _chunk_dq_dg_bwd(x, g, beta, q, dy, states, E, dS0, dbeta, dq, dg, T, H, M: 
         decay, a_next = tl.zeros([L, BM], tl.float32), tl.zeros([BM], tl.float32)
         for jj in range(L):
             j = L - 1 - jj
-            beta_s, x_s, a_s = _tile_step(beta, x, g, row0, t0 + j, T, H, m, p, gm, M, P, GM)
+            beta_s, x_s, a_s = _tile_step(beta, x, g, delta, row0, grow0, gstep, a_h, t0 + j, T,
+                                          H, m, p, gm, M, P, GM, True, HAS_D)
             decay, a_next = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :]), a_s
             dy_x = tl.sum(dy_a * x_s[None, :], 1)                         # dy_t . x_s
             dq_a += dy_x[:, None] * beta_s[None, :] * decay
-        _tile_store_rows(dq, row, m, M, dq_a, mk)
         # the decay gradient: dG in registers, its chunk-local exclusive prefix sum taken from K
-        q_a = _tile_rows(q, row, m, M, mk)
-        dbeta_a = _tile_rows(dbeta, row, m, M, mk)
-        dG = q_a * dq_a - beta_a * dbeta_a
+        q_a = _tile_rows(q, grow, m, M, mk)
+        if FACT:
+            _tile_add_rows(dq, grow, m, M, dq_a, mk)
+            dG = q_a * dq_a
+        else:
+            _tile_store_rows(dq, row, m, M, dq_a, mk)
+            dG = q_a * dq_a - beta_a * _tile_rows(dbeta, row, m, M, mk)
         dg_a = K[None, :] - (tl.cumsum(dG, 0) - dG)
         K -= tl.sum(dG, 0)
-        if GM == 1:
+        if FACT:
+            _tile_decay_shares(dg, gsum, g, grow, row, gm, a_h, d_a, dg_a, t_ok, mk, GM)
+        elif GM == 1:
             tl.store(dg + row, tl.sum(dg_a, 1).to(dg.dtype.element_ty), mask=t_ok)
         else:
             _tile_store_rows(dg, row, m, M, dg_a, mk)
@@ -468,58 +605,82 @@ def _check_chunk(chunk_size):
 # the slot blocks' partial sums (y, dx, a broadcast dg; M > 64 or sm_80) are added up in the op.
 # -----------------------------------------------------------------------------
 
-def _scan_fwd(x, g, beta, q, initial_state, chunk_size):
-    """Stages 1-3 forward. Returns y, S_final and what the backward reads: S_in (the states
-    entering each chunk, (B,H,n,M,P)) and Gc (the chunks' total decays, (B,H,n,GM))."""
-    _require_runnable(x)
+def _scan_meta(x, g, beta, chunk_size, A, delta, factored):
+    """chunk_meta and the gate flags; the shapes B, T, H, P, M; n chunks, nb slot blocks."""
     B, T, H, P = x.shape
     M, GM = beta.shape[-1], g.shape[-1]
-    meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM)
-    n, nb = triton.cdiv(T, chunk_size), triton.cdiv(M, meta['BM'])  # the last block maybe partial
+    meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM, FACT=factored,
+                HAS_D=delta is not None, HAS_A=A is not None)
+    return meta, (B, T, H, P, M), triton.cdiv(T, chunk_size), triton.cdiv(M, meta['BM'])
+
+
+def _scan_fwd(x, g, beta, q, initial_state, chunk_size, A=None, delta=None, factored=False):
+    """Stages 1-3 forward. Returns y, S_final and what the backward reads: S_in (the states
+    entering each chunk, (B,H,n,M,P)) and Gc (the chunks' total decays, (B,H,n,GM)). Per-head
+    gates g, beta, q (B,T,H,.), or factored ones gw, bw, q (B,T,.) with A, delta (factored)."""
+    _require_runnable(x)
+    meta, (B, T, H, P, M), n, nb = _scan_meta(x, g, beta, chunk_size, A, delta, factored)
     x, g, beta, q = (t.contiguous() for t in (x, g, beta, q))
+    A, delta = (x if t is None else t.contiguous() for t in (A, delta))   # x: an unread pointer
     f32 = dict(device=x.device, dtype=torch.float32)
     S0 = (torch.zeros(B, H, M, P, **f32) if initial_state is None else
           initial_state.float().contiguous())
     states, S_final = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
-    Gc = torch.empty(B, H, n, GM, **f32)
+    Gc = torch.empty(B, H, n, meta['GM'], **f32)
     y = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
          torch.empty(nb, B, T, H, P, **f32))
     grid = (n, B * H, nb)
-    _launch(_chunk_state, grid, x, g, beta, states, Gc, T, H, REVERSE=False, **meta)
+    _launch(_chunk_state, grid, x, g, beta, delta, A, states, Gc, T, H, REVERSE=False, **meta)
     _launch(_state_pass, (B * H, nb), states, Gc, S0, S_final, H, n, REVERSE=False, **meta)
-    _launch(_chunk_output_fwd, grid, x, g, beta, q, states, y, T, H, **meta)
+    _launch(_chunk_output_fwd, grid, x, g, beta, q, delta, A, states, y, T, H, **meta)
     return (y if nb == 1 else y.sum(0).to(x.dtype)), S_final, states, Gc
 
 
-def _scan_bwd(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size):
-    """The backward of _scan_fwd: dx, dg, dbeta, dq and dS_initial (always returned)."""
+def _scan_bwd(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size, A=None, delta=None,
+              factored=False):
+    """The backward of _scan_fwd. Per-head gates: dx, dg, dbeta, dq, dS_initial (always).
+    Factored: dx, dgw, dbw, dq, dA (H), ddelta (B,T,H), dS_initial, whether or not A and delta
+    were given; the kernels add the heads' shares of dgw, dbw, dq (B,T,.) and of gsum, bsum
+    (B,T,H), from which ddelta and dA are a few (B,T,H) ops here."""
     _require_runnable(x)
-    B, T, H, P = x.shape
-    M, GM = beta.shape[-1], g.shape[-1]
-    meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM)
-    n, nb = S_in.shape[2], triton.cdiv(M, meta['BM'])
+    meta, (B, T, H, P, M), n, nb = _scan_meta(x, g, beta, chunk_size, A, delta, factored)
+    GM = meta['GM']
     x, g, beta, q, dy = (t.contiguous() for t in (x, g, beta, q, dy))
+    A_, delta_ = (x if t is None else t.contiguous() for t in (A, delta))
     dS_final = dS_final.float().contiguous()
     f32 = dict(device=x.device, dtype=torch.float32)
     E, dS0 = torch.empty(B, H, n, M, P, **f32), torch.empty(B, H, M, P, **f32)
     dx = (torch.empty(B, T, H, P, device=x.device, dtype=x.dtype) if nb == 1 else
           torch.empty(nb, B, T, H, P, **f32))
-    dbeta = torch.empty(B, T, H, M, **f32)
-    dq = torch.empty(B, T, H, M, device=x.device, dtype=q.dtype)
-    if GM > 1 or nb == 1:
-        dg = torch.empty(B, T, H, GM, device=x.device, dtype=g.dtype)
+    if factored:           # the heads' shares are added atomically: the buffers start at 0
+        dbeta, dq, dg = (torch.zeros(B, T, k, **f32) for k in (M, M, GM))
+        gsum, bsum = torch.zeros(B, T, H, **f32), torch.zeros(B, T, H, **f32)
+        TotB = torch.empty(B, H, n, M, **f32)
     else:
-        dg = torch.empty(nb, B, T, H, 1, **f32)
+        dbeta = torch.empty(B, T, H, M, **f32)
+        dq = torch.empty(B, T, H, M, device=x.device, dtype=q.dtype)
+        if GM > 1 or nb == 1:
+            dg = torch.empty(B, T, H, GM, device=x.device, dtype=g.dtype)
+        else:
+            dg = torch.empty(nb, B, T, H, 1, **f32)
+        gsum = bsum = TotB = x                                       # unread pointers
     grid = (n, B * H, nb)
-    _launch(_chunk_state, grid, dy, g, q, E, Gc, T, H, REVERSE=True, **meta)
+    _launch(_chunk_state, grid, dy, g, q, delta_, A_, E, Gc, T, H, REVERSE=True, **meta)
     _launch(_state_pass, (B * H, nb), E, Gc, dS_final, dS0, H, n, REVERSE=True, **meta)
-    _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, dy, E, dx, dbeta, T, H, **meta)
-    _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, dy, S_in, E, dS0, dbeta, dq, dg, T, H, **meta)
+    _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, delta_, A_, dy, E, dx, dbeta, TotB, dg,
+            gsum, bsum, T, H, **meta)
+    _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, delta_, A_, dy, S_in, E, dS0, dbeta, TotB, dq,
+            dg, gsum, T, H, **meta)
     if nb > 1:
         dx = dx.sum(0).to(x.dtype)
-        if GM == 1:
+    if not factored:
+        if nb > 1 and GM == 1:
             dg = dg.sum(0).to(g.dtype)
-    return dx, dg, dbeta.to(beta.dtype), dq, dS0
+        return dx, dg, dbeta.to(beta.dtype), dq, dS0
+    # ddelta[t,h] = A[h] gsum + bsum (g = A delta gw, beta = delta bw); dA[h] = sum delta gsum
+    ddelta = (gsum if A is None else gsum * A.float()) + bsum
+    dA = (gsum if delta is None else gsum * delta.float()).sum((0, 1))
+    return (dx, dg.to(g.dtype), dbeta.to(beta.dtype), dq.to(q.dtype), dA, ddelta, dS0)
 
 
 Tensor = torch.Tensor
@@ -586,6 +747,79 @@ def scan_triton(x, g, beta, q, initial_state=None, chunk_size=64):
     Returns y (B,T,H,P) in x's dtype and the final state (B,H,M,P) float32. Any T >= 1.
     """
     y, S_final, _, _ = _scan_fwd_op(x, g, beta, q, initial_state, chunk_size)
+    return y, S_final
+
+
+@torch.library.custom_op('fm::scan_factored_fwd', mutates_args=())
+def _scan_factored_fwd_op(x: Tensor, gw: Tensor, bw: Tensor, q: Tensor, A: Optional[Tensor],
+                          delta: Optional[Tensor], initial_state: Optional[Tensor],
+                          chunk_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _scan_fwd(x, gw, bw, q, initial_state, chunk_size, A, delta, factored=True)
+
+
+@torch.library.custom_op('fm::scan_factored_bwd', mutates_args=())
+def _scan_factored_bwd_op(x: Tensor, gw: Tensor, bw: Tensor, q: Tensor, A: Optional[Tensor],
+                          delta: Optional[Tensor], S_in: Tensor, Gc: Tensor, dy: Tensor,
+                          dS_final: Tensor, chunk_size: int
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _scan_bwd(x, gw, bw, q, S_in, Gc, dy, dS_final, chunk_size, A, delta, factored=True)
+
+
+@_scan_factored_fwd_op.register_fake
+def _(x, gw, bw, q, A, delta, initial_state, chunk_size):
+    _check_chunk(chunk_size)
+    B, T, H, P = x.shape
+    M, GM, n = bw.shape[-1], gw.shape[-1], (T + chunk_size - 1) // chunk_size
+    f32 = torch.float32
+    return (x.new_empty(B, T, H, P), x.new_empty(B, H, M, P, dtype=f32),
+            x.new_empty(B, H, n, M, P, dtype=f32), x.new_empty(B, H, n, GM, dtype=f32))
+
+
+@_scan_factored_bwd_op.register_fake
+def _(x, gw, bw, q, A, delta, S_in, Gc, dy, dS_final, chunk_size):
+    B, T, H, _ = x.shape
+    f32 = torch.float32
+    return (torch.empty_like(x), torch.empty_like(gw), torch.empty_like(bw), torch.empty_like(q),
+            x.new_empty(H, dtype=f32), x.new_empty(B, T, H, dtype=f32),
+            torch.empty_like(dS_final, dtype=f32))
+
+
+def _scan_factored_setup_context(ctx, inputs, output):
+    x, gw, bw, q, A, delta, initial_state, chunk_size = inputs
+    _, _, S_in, Gc = output
+    ctx.save_for_backward(x, gw, bw, q, A, delta, S_in, Gc)
+    ctx.chunk_size, ctx.has_initial = chunk_size, initial_state is not None
+
+
+def _scan_factored_backward(ctx, dy, dS_final, _dS_in, _dGc):
+    x, gw, bw, q, A, delta, S_in, Gc = ctx.saved_tensors
+    dy, dS_final = _grad_or_zeros(dy, x), _grad_or_zeros(dS_final, S_in[:, :, 0])
+    dx, dgw, dbw, dq, dA, ddelta, dS0 = _scan_factored_bwd_op(x, gw, bw, q, A, delta, S_in, Gc,
+                                                              dy, dS_final, ctx.chunk_size)
+    return (dx, dgw, dbw, dq, None if A is None else dA.to(A.dtype),
+            None if delta is None else ddelta.to(delta.dtype),
+            dS0 if ctx.has_initial else None, None)
+
+
+_scan_factored_fwd_op.register_autograd(_scan_factored_backward,
+                                        setup_context=_scan_factored_setup_context)
+
+
+def scan_factored(x, gw, bw, q, A=None, delta=None, initial_state=None, chunk_size=64):
+    """The chunked scan on factored gates (scan.expand_gates): equals scan.scan_factored, i.e.
+    scan_triton on the per-head gates
+
+        g[b,t,h,i] = A[h] delta[b,t,h] gw[b,t,i]    beta[b,t,h,i] = delta[b,t,h] bw[b,t,i]
+        q_read[b,t,h,i] = q[b,t,i]
+
+    formed per head in registers: no (B,T,H,M) gate tensor is made, forward or backward, and the
+    factors' gradients are summed over the heads in the kernels.
+
+    x (B,T,H,P); gw (B,T,M) or (B,T,1) (one decay for all slots); bw, q (B,T,M); A (H) or None
+    (1); delta (B,T,H) or None (1); initial_state (B,H,M,P) or None. Returns y (B,T,H,P) in x's
+    dtype and the final state (B,H,M,P) float32. The custom ops fm::scan_factored_fwd/bwd.
+    """
+    y, S_final, _, _ = _scan_factored_fwd_op(x, gw, bw, q, A, delta, initial_state, chunk_size)
     return y, S_final
 
 
