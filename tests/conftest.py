@@ -9,9 +9,14 @@ Tests whose mode is not this process's run in one fresh pytest process per modul
 the mode they need, and each test here reports its own outcome from there: passed,
 failed (with the child's report) or skipped (with its reason). So `python -m pytest`
 runs every kernel test for real in either mode, and none is skipped for the mode.
+
+One version skip: Triton 3.6's interpreter converts size-1 arrays to Python ints, which
+numpy >= 2.4 refuses, so with that pair the interpreter tests skip, naming both versions
+(interpreter_unusable). Triton 3.7 on runs them with numpy 2.4; Triton 3.6 with numpy < 2.4.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +42,21 @@ def process_mode():
     return 'interpreter' if isinstance(tl.sum, InterpretedFunction) else 'compiler'
 
 
+def _version(dist):
+    from importlib.metadata import version
+    v = version(dist)
+    return v, tuple(int(n) for n in re.findall(r'\d+', v)[:2])
+
+
+def interpreter_unusable():
+    """Why Triton's interpreter cannot run the kernels with the installed versions, or None."""
+    (triton_v, triton_n), (numpy_v, numpy_n) = _version('triton'), _version('numpy')
+    if triton_n < (3, 7) and numpy_n >= (2, 4):
+        return (f"triton {triton_v}'s interpreter fails under numpy {numpy_v} (int() of a size-1 array, "
+                f"an error from numpy 2.4): run it with triton >= 3.7 or numpy < 2.4")
+    return None
+
+
 def wanted_mode(item):
     marker = item.get_closest_marker('triton_mode')
     if marker is None:
@@ -51,8 +71,12 @@ def pytest_collection_modifyitems(config, items):
     if not any(modes.values()):
         return
     here = process_mode()
+    unusable = interpreter_unusable()
     for item in items:
         mode = modes[id(item)]
+        if mode == 'interpreter' and unusable:
+            item.add_marker(pytest.mark.skip(reason=unusable))
+            continue
         if mode is None or mode == here:
             continue
         if os.environ.get(RESULTS_ENV):
@@ -139,12 +163,19 @@ class _NaNEmptyTorch:
 
 
 @pytest.fixture
-def poisoned_empty(monkeypatch):
+def poisoned_empty():
     """Every buffer kernels.py allocates (outputs, partial sums, states) starts as NaN, so an
     element a kernel fails to write fails the test. (kernels is imported here, not at the top:
-    triton's mode is fixed when it is first imported.)"""
+    triton's mode is fixed when it is first imported.) Restored in this fixture's own teardown,
+    not through monkeypatch, so a failing undo of another patch cannot leave it poisoned for the
+    tests that follow."""
     import kernels
-    monkeypatch.setattr(kernels, 'torch', _NaNEmptyTorch())
+    saved = kernels.torch
+    kernels.torch = _NaNEmptyTorch()
+    try:
+        yield
+    finally:
+        kernels.torch = saved
 
 
 @pytest.fixture

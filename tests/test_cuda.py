@@ -32,11 +32,20 @@ DEV = 'cuda'
 
 
 @pytest.fixture(autouse=True)
-def exact_fp32_and_poison(monkeypatch, poisoned_empty):
+def exact_fp32_and_poison(poisoned_empty):
     """fp32 means fp32: no TF32 in cuBLAS or cuDNN (the conv) while these tests run; and every
-    buffer kernels.py allocates (outputs, partial sums, states) starts as NaN."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    buffer kernels.py allocates (outputs, partial sums, states) starts as NaN.
+
+    The switches are saved and restored by hand, not monkeypatched: torch.backends.cuda.matmul
+    serves allow_tf32 from __getattr__, so it is in no __dict__, and pytest >= 9.2's monkeypatch
+    undoes such a patch with delattr, which raises."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def rel_err(a, b):

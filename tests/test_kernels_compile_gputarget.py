@@ -39,6 +39,13 @@ from triton.runtime.jit import JITFunction
 
 import kernels
 
+try:     # what compile_launch drives: Triton's knobs and the launcher's binder (Triton >= 3.6 has both)
+    from triton import knobs  # noqa: F401
+    from triton.runtime.jit import create_function_from_signature  # noqa: F401
+except ImportError as e:
+    pytest.skip(f"triton {triton.__version__} lacks the launcher internals this test compiles with ({e}); "
+                f"it runs on triton 3.6 to 3.9 (requirements.txt)", allow_module_level=True)
+
 pytestmark = pytest.mark.triton_mode('compiler')
 
 SM80, SM90 = GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)
@@ -83,14 +90,28 @@ def record_launches(scenario, monkeypatch, target=SM90):
     return launches
 
 
+RUN_OPTIONS = ('debug', 'instrumentation_mode', 'fpsan_homomorphic_casts')   # the union over Triton 3.6 .. 3.9
+
+
+def launch_options(kernel):
+    """The options JITFunction.run adds to a launch's kwargs, from the knobs, as this Triton has
+    them: debug and instrumentation_mode (3.6 on), fpsan_homomorphic_casts (3.9 on). An option
+    this Triton's knobs do not have is not passed (its compile options would reject it)."""
+    from triton import knobs
+    found = {'debug': kernel.debug or knobs.runtime.debug}
+    for name in RUN_OPTIONS[1:]:
+        if hasattr(knobs.compilation, name):
+            found[name] = getattr(knobs.compilation, name)
+    return found
+
+
 def compile_launch(kernel, args, kwargs, target):
     """Compile one recorded launch for `target` exactly as JITFunction.run would on that GPU."""
     from triton import knobs
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
     backend = make_backend(target)
-    kwargs = dict(kwargs, debug=knobs.runtime.debug, instrumentation_mode=knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    kwargs = dict(kwargs, **launch_options(kernel))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
@@ -168,6 +189,16 @@ def test_every_kernel_is_launched(monkeypatch):
     _, signature, divisible = compile_launch(kernel, args, kwargs, SM90)
     assert signature['x'] == '*bf16' and signature['beta'] == '*fp32'      # the model's mixed signature
     assert {'x', 'beta', 'q'} <= set(divisible)
+
+
+def test_launch_options_are_those_run_sets():
+    """compile_launch passes exactly the options JITFunction.run of this Triton sets on a launch
+    (read from run's source): a Triton that adds or drops one fails here, not by compiling
+    something other than what launches."""
+    import inspect
+    set_by_run = set(re.findall(r"""kwargs\[["'](\w+)["']\]\s*=""", inspect.getsource(JITFunction.run)))
+    assert set_by_run, "no kwargs[...] = ... found in JITFunction.run"
+    assert set(launch_options(KERNELS[0])) == set_by_run, (triton.__version__, set_by_run)
 
 
 def test_glue_moves_no_bytes():
