@@ -1,171 +1,209 @@
 """
-The GPU checklist, in device calls that each finish inside a lease, most valuable first.
+The GPU checklist in one device call of at most 9 minutes (540 s).
 
-    python -m experiments.gpu_check --dry-run        # the plan: steps, budgets, which call each is in
-    python -m experiments.gpu_check prepare          # here, before the calls: fills .gpu_carry/
-    python -m experiments.gpu_check --call=1         # on the GPU machine: the steps of call 1 (then 2, 3)
-
-The plan (--dry-run prints it with the commands) is three calls of at most 300 s of steps each,
-690 s in all (at most 720), so that with the machine's start (a minute or two) it fits 15 minutes of device time:
-
-    call 1  env, pytest_cuda (tests/test_cuda.py only: CI runs the CPU tests), our scan fwd and
-            fwd+bwd in bf16 and fp32 beside the chunked PyTorch scan
-    call 2  decode (sparse vs dense step, context sweep), graph_breaks (torch._dynamo.explain of
-            each model's compiled training forward), install_peers, peers_autotune (fla's
-            chunk_gla and mamba_ssm's kernel, once, to fill the autotune and JIT caches),
-            peers (the same, timed)
-    call 3  data, train.py (fm_sparse and attention at T = 1024 and 8192, bf16, compiled),
-            train_summary, sanitizer (compute-sanitizer memcheck on the masked-tile CUDA tests)
-
-Each step runs under its own timeout (its budget); a step that fails or times out is recorded and
-the next one runs. Benchmarks rewrite their JSON after every row, so a timeout keeps what was
-measured. After every step the results so far are packed into $OUT (gpu_callN.tar.gz, and
-checklist_callN.json): the device tool returns only $OUT, and a later call starts on a bare
-machine. Unpack them here with `tar xzf gpu_callN.tar.gz -C results/gpu`.
+    python -m experiments.gpu_check --dry-run        # the plan: phases, steps, budgets, commands
+    python -m experiments.gpu_check prepare          # here, before the call: fills .gpu_carry/
+    python -m experiments.gpu_check                  # on the GPU machine: the whole checklist
 
 With the device tool (`run`), from the repo root here:
 
     1. python -m experiments.gpu_check prepare       # wheels of fla-core and mamba-ssm, the text
-    2. run(command="python3 -m experiments.gpu_check --call=1", carry=[".gpu_carry"], timeout_s=285)
-    3. run(command="python3 -m experiments.gpu_check --call=2", carry=[".gpu_carry"], timeout_s=265)
-    4. run(command="python3 -m experiments.gpu_check --call=3", carry=[".gpu_carry"], timeout_s=230)
-    5. for each call: tar xzf <files_at>/gpu_callN.tar.gz -C results/gpu; then give_back
+    2. run(command="python3 -m experiments.gpu_check", carry=[".gpu_carry"], timeout_s=540)
+    3. d=results/gpu/<gpu>-<commit>; mkdir $d; tar xzf <files_at>/gpu.tar.gz -C $d;
+       then give_back (results/gpu/h200-9efe7a3/ is the first run's)
 
-Make the calls back to back (the machine stays warm about 30 s after a call; a cold start costs a
-minute or more of the 15). A call's timeout_s (the dry run prints it) is its steps' budget plus 30 s
-for packing and the interpreter's start: 285 + 265 + 230 s, with a start of 1-2 min, is under 15 min. A call that comes back timed out still returns what $OUT holds.
+The plan, in three phases (--dry-run prints it with every command and budget):
 
-Options: --call=1|2|3|all, --only=step,step (a subset of the call's steps), --results=DIR
-(default results/gpu), --dry-run. On a machine without CUDA the CUDA steps are recorded as
-skipped. Exit code: 0 if every step that ran passed, 1 otherwise.
+    phase 0, one at a time: data (tiny-Shakespeare from .gpu_carry), install_peers (fla-core and
+            mamba_ssm's Triton kernels into SITE, then imported by a fresh interpreter)
+    phase 1, side by side, untimed, within one window: env, the CUDA tests, compute-sanitizer,
+            graph breaks, the peers' autotune (fla and Mamba-2, each its own process), and a
+            3-iteration torch.compile warm-up of every training shape phase 2 times, which fills
+            the on-disk inductor/Triton caches so that the timed runs do not compile
+    phase 2, one at a time, timed: the scan beside the peers; train.py at T = 1024 and 8192 for
+            fm_sparse and attention; a torch.profiler table of fm_sparse's training step with its
+            host syncs; the README's GPU quick start to its end for fm_sparse and attention;
+            decode; then the summary (train.json, quick.json)
+
+Each step runs under its own timeout; a step that fails or times out is recorded and the next one
+runs; a phase-2 step that the deadline no longer leaves room for is recorded as 'not reached'.
+Benchmarks rewrite their JSON after every row and train.py's log is kept when it is stopped.
+After every step the results so far are packed into $OUT/gpu.tar.gz (and $OUT/checklist.json):
+the device tool returns only $OUT.
+
+Options: --only=step,step (a subset), --results=DIR (default out-gpu/results: a run's own folder,
+so no earlier run's files are packed with it), --deadline_s=S (default 520: the call's 540 s less
+the interpreter's start and the last pack), --dry-run. On a machine
+without CUDA the CUDA steps are recorded as skipped. Exit code: 0 if every step that ran passed.
 """
 if __name__ == '__main__' and not __package__:
     raise SystemExit('run it from the repo root as a module: python -m experiments.gpu_check ...')
 import collections
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARRY = os.path.join(REPO, '.gpu_carry')
 SITE = '/tmp/fm_gpu_site'              # where install_peers puts fla and mamba_ssm (on PYTHONPATH)
-CALL_LIMIT_S, TOTAL_LIMIT_S = 300, 720
+CALL_S = 540                           # the device call's timeout_s
+DEADLINE_S = 520                       # the steps' share of it: the rest starts Python and packs
+PHASE1_WINDOW_S = 115                  # phase 1's steps all end (or are stopped) within this
+PEER_MODULES = ('fla.ops.gla', 'mamba_ssm.ops.triton.ssd_combined')
 PY = sys.executable
 
 
 @dataclass
 class Step:
     name: str
-    call: int
+    phase: int                         # 0 and 2: one at a time; 1: side by side
     budget_s: int
     cuda: bool                         # needs a CUDA device
     cmd: str                           # a shell command, run from the repo root; {res}: results dir
     what: str
 
 
-SCAN = (f"{PY} -m experiments.bench scan --device=cuda --B=8 --T=2048 --H=8 --M=64 --P=64 --naive=False "
-        f"--repeats=10")
-TRAIN = (f"{PY} train.py config/shakespeare_char_gpu.py --device=cuda --dtype=bfloat16 --compile=True "
+SCAN = (f"{PY} -m experiments.bench scan --device=cuda --B=8 --T=2048 --H=8 --M=64 --P=64 "
+        f"--naive=False --dtype=bfloat16")
+GPU_CONFIG = 'config/shakespeare_char_gpu.py'
+TRAIN = (f"{PY} train.py {GPU_CONFIG} --device=cuda --dtype=bfloat16 --compile=True "
          f"--dropout=0.0 --max_iters=40 --lr_decay_iters=40 --warmup_iters=5 --eval_interval=1000 "
          f"--eval_iters=2 --log_interval=5 --always_save_checkpoint=False")
+TIMED_SHAPES = [('fm_sparse', 1024), ('attention', 1024), ('fm_sparse', 8192), ('attention', 8192)]
+PROFILE_ITERS = dict(wait=6, warmup=2, active=5)   # the profiled steps have no log line (no sync)
 
 
-def subcommand(name, call, budget_s, cuda, what):
-    """A step running this file's subcommand `name` (env, graph_breaks, train_summary) on {res}."""
-    return Step(name, call, budget_s, cuda, f"{PY} -m experiments.gpu_check {name} {{res}}", what)
+def subcommand(name, phase, budget_s, cuda, what):
+    """A step running this file's subcommand `name` on {res}."""
+    return Step(name, phase, budget_s, cuda, f"{PY} -m experiments.gpu_check {name} {{res}}", what)
 
 
-def scan_step(dtype, budget_s, what):
-    """Our Triton scan alone (--impls=ours) in `dtype` at SCAN's shape -> scan_<bf16|fp32>.json."""
-    name = 'scan_' + {'bfloat16': 'bf16', 'float32': 'fp32'}[dtype]
-    return Step(name, 1, budget_s, True,
-                f"{SCAN} --dtype={dtype} --impls=ours --json={{res}}/{name}.json", what)
+def keep_log(out, name):
+    """A shell prefix that copies train.py's log to {res}/train/name.jsonl on any exit, also when
+    the step's timeout stops it (SIGTERM -> exit -> EXIT trap)."""
+    keep = f"mkdir -p {{res}}/train; cp {out}/log.jsonl {{res}}/train/{name}.jsonl 2>/dev/null"
+    return f"trap '{keep}' EXIT; trap 'exit 143' TERM; "
 
 
-def train_step(mixer, T):
-    batch = 16 * 1024 // T                     # 16,384 tokens per iteration at every T
+def train_args(mixer, T):
+    return f"--mixer={mixer} --block_size={T} --batch_size={16 * 1024 // T}"   # 16,384 tokens
+
+
+def timed_train(mixer, T):
     out = f"out-gpu/{mixer}_T{T}"
-    # the log is copied on any exit, also when the step's timeout stops it (SIGTERM -> exit -> EXIT trap)
-    keep = f"mkdir -p {{res}}/train; cp {out}/log.jsonl {{res}}/train/{mixer}_T{T}.jsonl 2>/dev/null"
-    return Step(f"train_{mixer}_T{T}", 3, 35, True,
-                f"trap '{keep}' EXIT; trap 'exit 143' TERM; "
-                f"{TRAIN} --mixer={mixer} --block_size={T} --batch_size={batch} --out_dir={out}",
-                f"train.py, {mixer}, T={T}, batch {batch}, 40 iterations (log.jsonl kept even if stopped)")
+    return Step(f"train_{mixer}_T{T}", 2, 30, True,
+                keep_log(out, f"{mixer}_T{T}") + f"{TRAIN} {train_args(mixer, T)} --out_dir={out}",
+                f"train.py, {mixer}, T={T}, 16,384 tokens/iter, 40 iterations, compiled, bf16")
 
+
+def quick_cmd(mixer):
+    return f"{PY} train.py {GPU_CONFIG} --mixer={mixer}"
+
+
+def quick_start(mixer, budget_s):
+    out = f"out-quick/{mixer}"
+    return Step(f"quick_{mixer}", 2, budget_s, True,
+                keep_log(out, f"quick_{mixer}") + f"{quick_cmd(mixer)} --out_dir={out}",
+                f"the README's GPU quick start with --mixer={mixer}, to its end")
+
+
+def warm(name, cmd):
+    """3 iterations (compile, evaluation, step) of a phase-2 run: its graphs into the caches."""
+    return Step(f"warm_{name}", 1, PHASE1_WINDOW_S, True,
+                f"{cmd} --max_iters=3 --out_dir=out-warm/{name}",
+                'torch.compile warm-up, untimed: fills the inductor and Triton caches')
+
+
+def autotune(impl, name):
+    return Step(f"autotune_{name}", 1, PHASE1_WINDOW_S, True,
+                f"{SCAN} --impls={shlex.quote(impl)} --repeats=1 "
+                f"--json={{res}}/autotune_{name}.json",
+                f"{impl} once: its autotune and JIT, cached on disk (TRITON_CACHE_AUTOTUNING=1)")
+
+
+PYTEST_CUDA = (f"{PY} -m pytest -q -rs -p no:cacheprovider $({PY} -c 'import xdist' 2>/dev/null && "
+               f"printf -- '-n 6') tests/test_cuda.py --junitxml={{res}}/pytest_cuda.xml")
+SANITIZER = (f"PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "
+             f"--error-exitcode 9 "
+             f"{PY} -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "
+             f"'test_scan_triton_equals_naive_on_cuda and (100-48 or 5-3) or test_step and "
+             f"(100 or 5-1-3)'")
 
 STEPS = [
-    subcommand('env', 1, 10, False, 'versions, GPU, driver, commit -> env.json'),
-    Step('pytest_cuda', 1, 150, True,      # 8 xdist workers where pytest-xdist is (the JIT compiles in parallel)
-         f"{PY} -m pytest -q -rs -p no:cacheprovider $({PY} -c 'import xdist' 2>/dev/null && printf -- '-n 8') "
-         f"tests/test_cuda.py --junitxml={{res}}/pytest_cuda.xml",
-         'tests/test_cuda.py only: scan vs scan_naive (fwd, every gradient), decode steps, LM on CUDA = CPU'),
-    scan_step('bfloat16', 50, 'our Triton scan fwd and fwd+bwd vs the chunked scan, bf16, '
-                              'B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
-    scan_step('float32', 45, 'the same in fp32'),
-    Step('decode', 2, 50, True,
-         f"{PY} -m experiments.bench decode --device=cuda --slots=1024,4096,16384 --slot_top_k=16 "
-         f"--contexts=1024,8192,32768 --tokens=20 --slot_repeats=30 --json={{res}}/decode.json",
-         'sparse vs dense decode step as m grows; per-token latency vs context'),
-    subcommand('graph_breaks', 2, 35, True,
-               "torch._dynamo.explain of each mixer's training forward on CUDA -> graph_breaks.json"),
-    Step('install_peers', 2, 15, False, f"{PY} -m experiments.gpu_check install_peers",
-         'fla-core and mamba_ssm (Triton kernels only) from .gpu_carry/whl into ' + SITE),
-    Step('peers_autotune', 2, 90, True,
-         f"TRITON_CACHE_AUTOTUNING=1 {SCAN} --dtype=bfloat16 --impls=peers --repeats=1 "
-         f"--json={{res}}/peers_autotune.json",
-         "fla chunk_gla and mamba_chunk_scan_combined once each: their autotune and JIT, cached on disk"),
-    Step('peers', 2, 45, True,
-         f"TRITON_CACHE_AUTOTUNING=1 {SCAN} --dtype=bfloat16 --impls=peers,triton "
-         f"--json={{res}}/peers_bf16.json",
-         'the peers timed beside our scan, bf16, at the same shape'),
-    Step('data', 3, 10, False,
+    Step('data', 0, 5, False,
          f"test -f data/shakespeare_char/train.bin || {PY} data/shakespeare_char/prepare.py "
          f"--input {CARRY}/tinyshakespeare.txt",
          'tiny-Shakespeare characters for train.py (the text from .gpu_carry)'),
-    train_step('fm_sparse', 1024), train_step('attention', 1024),
-    train_step('fm_sparse', 8192), train_step('attention', 8192),
-    subcommand('train_summary', 3, 5, False,
-               'tokens/s and MFU of each run, fm_sparse / attention -> train.json'),
-    Step('sanitizer', 3, 45, True,
-         f"PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 "
-         f"{PY} -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "
-         f"'test_scan_triton_equals_naive_on_cuda and (100-48 or 5-3) or test_step and (100 or 5-1-3)'",
-         'compute-sanitizer memcheck over the CUDA scan and step tests at masked (non power of 2) shapes'),
+    Step('install_peers', 0, 25, False, f"{PY} -m experiments.gpu_check install_peers",
+         f"fla-core and mamba_ssm's Triton kernels from .gpu_carry/whl into {SITE}, imported by a "
+         f"fresh interpreter"),
+    subcommand('env', 1, PHASE1_WINDOW_S, False, 'versions, GPU, driver, commit -> env.json'),
+    Step('pytest_cuda', 1, PHASE1_WINDOW_S, True, PYTEST_CUDA,
+         'tests/test_cuda.py: the Triton scan and steps against the reference, the LM on CUDA'),
+    Step('sanitizer', 1, PHASE1_WINDOW_S, True, SANITIZER,
+         'compute-sanitizer memcheck over the scan and step tests at masked (not power of 2) '
+         'shapes'),
+    subcommand('graph_breaks', 1, PHASE1_WINDOW_S, True,
+               "torch._dynamo.explain of each mixer's training forward -> graph_breaks.json"),
+    autotune('fla chunk_gla', 'fla'), autotune('mamba_chunk_scan_combined', 'mamba'),
+    *[warm(f"{m}_T{T}", f"{TRAIN} {train_args(m, T)}") for m, T in TIMED_SHAPES],
+    *[warm(f"quick_{m}", quick_cmd(m)) for m in ('fm_sparse', 'attention')],
+    Step('scan_bf16', 2, 40, True, f"{SCAN} --impls=ours,peers --json={{res}}/scan_bf16.json",
+         'our scan, the chunked PyTorch scan, fla chunk_gla and Mamba-2, fwd and fwd+bwd, '
+         'B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
+    *[timed_train(m, T) for m, T in TIMED_SHAPES],
+    subcommand('profile_train', 2, 35, True,
+               "torch.profiler table of fm_sparse's compiled training step (T=1024), host syncs"),
+    quick_start('fm_sparse', 90), quick_start('attention', 45),
+    Step('decode', 2, 25, True,
+         f"{PY} -m experiments.bench decode --device=cuda --slots=1024,4096,16384 --slot_top_k=16 "
+         f"--contexts=1024,8192,32768 --tokens=20 --slot_repeats=30 --json={{res}}/decode.json",
+         'sparse vs dense decode step as m grows; per-token latency vs context'),
+    subcommand('summary', 2, 5, False,
+               'tokens/s of the timed runs, fm_sparse / attention -> train.json; quick starts -> '
+               'quick.json'),
 ]
 
 
-def plan_text(commands=False):
-    lines = [f"{'call':>4}  {'step':<22}{'budget s':>9}{'in call':>9}{'total':>7}  what"]
-    total = 0
-    for call in sorted({s.call for s in STEPS}):
-        in_call = 0
-        for s in (s for s in STEPS if s.call == call):
-            in_call += s.budget_s
-            total += s.budget_s
-            lines.append(f"{call:>4}  {s.name:<22}{s.budget_s:>9}{in_call:>9}{total:>7}  "
-                         f"{'[cuda] ' if s.cuda else ''}{s.what}")
-            if commands:
-                lines.append(f"{'':>6}$ {s.cmd.format(res='results/gpu')}")
-        lines.append(f"{'':>4}  {'= call ' + str(call):<22}{in_call:>9} s of at most {CALL_LIMIT_S}; run with "
-                     f"timeout_s={in_call + 30}")
-    lines.append(f"total {total} s of at most {TOTAL_LIMIT_S} (plus the machine's start, 1-2 min)")
-    return '\n'.join(lines), total
+def phase_costs():
+    """{phase: seconds}: phases 0 and 2 cost the sum of their budgets, phase 1 its window."""
+    cost = collections.Counter()
+    for s in STEPS:
+        cost[s.phase] += 0 if s.phase == 1 else s.budget_s
+    cost[1] = PHASE1_WINDOW_S
+    return dict(sorted(cost.items()))
 
 
 def check_plan():
-    per_call = {}
-    for s in STEPS:
-        per_call[s.call] = per_call.get(s.call, 0) + s.budget_s
-    assert all(v <= CALL_LIMIT_S for v in per_call.values()), per_call
-    assert sum(per_call.values()) <= TOTAL_LIMIT_S, per_call
-    assert [s.call for s in STEPS] == sorted(s.call for s in STEPS)     # priority order = call order
-    return per_call
+    assert all(s.budget_s <= PHASE1_WINDOW_S for s in STEPS if s.phase == 1)
+    assert [s.phase for s in STEPS] == sorted(s.phase for s in STEPS)
+    assert len({s.name for s in STEPS}) == len(STEPS)
+    cost = phase_costs()
+    assert sum(cost.values()) <= DEADLINE_S <= CALL_S, cost
+    return cost
+
+
+def plan_text(commands=False):
+    lines = [f"{'phase':>5}  {'step':<24}{'budget s':>9}  what"]
+    cost = phase_costs()
+    for phase, how in ((0, 'one at a time'), (1, 'side by side'), (2, 'one at a time, timed')):
+        lines.append(f"phase {phase}, {how}: {cost[phase]} s")
+        for s in (s for s in STEPS if s.phase == phase):
+            lines.append(f"{phase:>5}  {s.name:<24}{s.budget_s:>9}  "
+                         f"{'[cuda] ' if s.cuda else ''}{s.what}")
+            if commands:
+                lines.append(f"{'':>7}$ {s.cmd.format(res='out-gpu/results')}")
+    lines.append(f"total {sum(cost.values())} s of the {DEADLINE_S} s deadline; run with "
+                 f"timeout_s={CALL_S} (9 minutes)")
+    return '\n'.join(lines)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -178,76 +216,113 @@ def have_cuda():
         return False
 
 
-def run_step(step, res, cuda):
-    logs = os.path.join(res, 'logs')
-    os.makedirs(logs, exist_ok=True)
-    entry = dict(step=step.name, call=step.call, budget_s=step.budget_s, log=f"logs/{step.name}.log")
+def step_env():
+    """What every step runs with: the peers' install path, and autotune results cached on disk
+    (so that the phase-1 autotune serves phase 2)."""
+    path = [SITE, REPO] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])
+    return dict(os.environ, PYTHONUNBUFFERED='1', TRITON_CACHE_AUTOTUNING='1',
+                PYTHONPATH=os.pathsep.join(path))
+
+
+def wait_or_stop(proc, budget_s):
+    """The exit code, or None after stopping the step's process group at its budget."""
+    try:
+        return proc.wait(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return None
+
+
+def run_step(step, res, cuda, budget_s, t0):
+    """Runs one step (its log in res/logs/) under budget_s; its record."""
+    entry = dict(step=step.name, phase=step.phase, budget_s=budget_s, log=f"logs/{step.name}.log",
+                 start_s=round(time.time() - t0, 1))
     if step.cuda and not cuda:
         return dict(entry, status='skipped', rc=None, seconds=0, note='no CUDA device')
-    env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHONPATH=os.pathsep.join(
-        [SITE, REPO] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])))
     cmd = step.cmd.format(res=res)
-    t0 = time.time()
-    print(f"== {step.name} (budget {step.budget_s} s): {cmd}", flush=True)
-    with open(os.path.join(logs, f"{step.name}.log"), 'w') as log:
-        log.write(f"== {step.name} (budget {step.budget_s} s): {cmd}\n")
+    log_path = os.path.join(res, 'logs', f"{step.name}.log")
+    with open(log_path, 'w') as log:
+        log.write(f"== {step.name} (budget {budget_s} s): {cmd}\n")
         log.flush()
-        proc = subprocess.Popen(['bash', '-c', cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=step.budget_s)
-            status = 'passed' if rc == 0 else 'failed'
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            rc, status = None, 'timeout'
-    with open(os.path.join(logs, f"{step.name}.log")) as f:
-        tail = [l.rstrip() for l in f.read().splitlines() if l.strip()][-3:]
-    note = f"stopped at {step.budget_s} s" if status == 'timeout' else (tail[-1][:300] if tail else '')
-    return dict(entry, status=status, rc=rc, seconds=round(time.time() - t0, 1), note=note)
+        proc = subprocess.Popen(['bash', '-c', cmd], cwd=REPO, env=step_env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        rc = wait_or_stop(proc, budget_s)
+    status = 'timeout' if rc is None else 'passed' if rc == 0 else 'failed'
+    with open(log_path) as f:
+        tail = [line.rstrip() for line in f if line.strip()][-1:]
+    note = f"stopped at {budget_s} s" if rc is None else (tail[0][:300] if tail else '')
+    return dict(entry, status=status, rc=rc, seconds=round(time.time() - t0 - entry['start_s'], 1),
+                note=note)
 
 
-def save(res, call, records):
-    path = os.path.join(res, 'checklist.json')
-    old = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = {r['step']: r for r in json.load(f).get('steps', [])}
-    old.update({r['step']: r for r in records})
-    order = [s.name for s in STEPS]
-    steps = sorted(old.values(), key=lambda r: order.index(r['step']) if r['step'] in order else len(order))
-    with open(path, 'w') as f:
-        json.dump({'steps': steps}, f, indent=1)
-    out = os.environ.get('OUT')
-    if out and os.path.isdir(out):                 # what the device tool brings back
-        tmp = os.path.join(out, f"gpu_call{call}.tar.gz.part")
-        with tarfile.open(tmp, 'w:gz') as tar:
-            tar.add(res, arcname='.')
-        os.replace(tmp, os.path.join(out, f"gpu_call{call}.tar.gz"))
-        shutil.copy(path, os.path.join(out, f"checklist_call{call}.json"))
+class Checklist:
+    """The records so far; each new one is saved to res/checklist.json and packed into $OUT."""
+
+    def __init__(self, res):
+        self.res, self.records, self.lock = res, [], threading.Lock()
+
+    def add(self, rec):
+        with self.lock:
+            self.records.append(rec)
+            print(f"   [{rec['start_s'] + rec['seconds']:6.1f} s] {rec['step']:<24} "
+                  f"{rec['status']:<11} {rec['seconds']} s  {rec['note'][:100]}", flush=True)
+            self.save()
+
+    def save(self):
+        path = os.path.join(self.res, 'checklist.json')
+        with open(path, 'w') as f:
+            json.dump({'steps': self.records}, f, indent=1)
+        out = os.environ.get('OUT')
+        if out and os.path.isdir(out):
+            tmp = os.path.join(out, 'gpu.tar.gz.part')
+            with tarfile.open(tmp, 'w:gz') as tar:
+                tar.add(self.res, arcname='.')
+            os.replace(tmp, os.path.join(out, 'gpu.tar.gz'))
+            shutil.copy(path, os.path.join(out, 'checklist.json'))
 
 
-def run_calls(calls, only, res):
-    cuda = have_cuda()
-    os.makedirs(res, exist_ok=True)
-    print(f"gpu_check: calls {calls}, CUDA {'yes' if cuda else 'no'}, results in {res}", flush=True)
-    records, failed = [], False
-    for step in STEPS:
-        if step.call not in calls or (only and step.name not in only):
+def run_side_by_side(steps, res, cuda, t0, checklist):
+    threads = [threading.Thread(target=lambda s=s: checklist.add(
+        run_step(s, res, cuda, s.budget_s, t0))) for s in steps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def run_in_turn(steps, res, cuda, t0, deadline_s, checklist):
+    for s in steps:
+        left = int(deadline_s - (time.time() - t0))
+        if left < min(s.budget_s, 10):
+            checklist.add(dict(step=s.name, phase=s.phase, budget_s=s.budget_s,
+                               status='not reached', rc=None, seconds=0,
+                               start_s=round(time.time() - t0, 1),
+                               note=f"{max(left, 0)} s left of the deadline", log=''))
             continue
-        rec = run_step(step, res, cuda)
-        records.append(rec)
-        failed |= rec['status'] in ('failed', 'timeout')
-        print(f"   {rec['status']:<8} rc={rec['rc']} {rec['seconds']} s  {rec['note'][:120]}", flush=True)
-        save(res, min(calls), records)
-    print('\nchecklist:')
-    for r in records:
-        print(f"  {r['step']:<22} {r['status']:<8} {r['seconds']:>6} s / {r['budget_s']} s  {r['note'][:90]}")
-    return 1 if failed else 0
+        checklist.add(run_step(s, res, cuda, min(s.budget_s, left), t0))
+
+
+def run_checklist(res, only=(), deadline_s=DEADLINE_S):
+    cuda = have_cuda()
+    t0 = time.time()
+    os.makedirs(os.path.join(res, 'logs'), exist_ok=True)
+    print(f"gpu_check: CUDA {'yes' if cuda else 'no'}, deadline {deadline_s} s, results in {res}",
+          flush=True)
+    checklist = Checklist(res)
+    chosen = [s for s in STEPS if not only or s.name in only]
+    run_in_turn([s for s in chosen if s.phase == 0], res, cuda, t0, deadline_s, checklist)
+    run_side_by_side([s for s in chosen if s.phase == 1], res, cuda, t0, checklist)
+    run_in_turn([s for s in chosen if s.phase == 2], res, cuda, t0, deadline_s, checklist)
+    print(f"\nchecklist, {time.time() - t0:.0f} s:")
+    for r in checklist.records:
+        print(f"  {r['step']:<24} {r['status']:<11} {r['seconds']:>6} s / {r['budget_s']} s  "
+              f"{r['note'][:80]}")
+    return 1 if any(r['status'] in ('failed', 'timeout') for r in checklist.records) else 0
 
 
 # --- the steps that are Python of their own -------------------------------------------------------
@@ -257,12 +332,14 @@ def env_info(res):
 
     def sh(cmd):
         try:
-            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
         except Exception as e:
             return f"error: {e}"
     info = dict(date_utc=sh('date -u +%Y-%m-%dT%H:%M:%SZ'), python=platform.python_version(),
                 git_commit=sh(f"git -C {REPO} rev-parse HEAD 2>/dev/null"), cpus=os.cpu_count(),
-                nvidia_smi=sh('nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader'))
+                nvidia_smi=sh('nvidia-smi --query-gpu=name,driver_version,memory.total '
+                              '--format=csv,noheader'))
     import torch
     import triton
     info.update(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
@@ -276,14 +353,14 @@ def env_info(res):
 
 
 def graph_breaks(res, device='cuda', mixers=('fm', 'fm_sparse', 'mamba2', 'attention')):
-    """torch._dynamo.explain of each mixer's training forward (loss): graphs, breaks and their reasons.
-    The Triton scan and steps are torch.compiler.disable boundaries: expect one break per layer there."""
+    """torch._dynamo.explain of each mixer's training forward (loss): graphs, breaks, reasons."""
     import torch
     from model import LM, ModelConfig
     out = {}
     for mixer in mixers:
         torch._dynamo.reset()
-        model = LM(ModelConfig(vocab_size=65, block_size=256, n_layer=2, n_embd=128, mixer=mixer)).to(device)
+        model = LM(ModelConfig(vocab_size=65, block_size=256, n_layer=2, n_embd=128,
+                               mixer=mixer)).to(device)
         idx = torch.randint(0, 65, (2, 256), device=device)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
             e = torch._dynamo.explain(model)(idx, idx)
@@ -296,18 +373,30 @@ def graph_breaks(res, device='cuda', mixers=('fm', 'fm_sparse', 'mamba2', 'atten
         json.dump({'device': device, 'models': out}, f, indent=1)
 
 
+def importable(module, site=SITE):
+    """(ok, message): imports `module` in a fresh interpreter with site first on PYTHONPATH, as
+    every step runs. Not in this process: it started with site on its path before site
+    existed, so its import system caches site as a directory without modules."""
+    env = dict(step_env(), PYTHONPATH=os.pathsep.join([site, REPO]))
+    p = subprocess.run([PY, '-c', f"import {module}"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    if p.returncode == 0:
+        return True, 'ok'
+    return False, err[-1] if err else f"rc {p.returncode}"
+
+
 def install_peers():
-    """fla-core (pure Python + Triton) and mamba_ssm's Triton kernels from .gpu_carry/whl, into SITE.
+    """fla-core (pure Python + Triton) and mamba_ssm's Triton kernels from .gpu_carry/whl into SITE.
     mamba_ssm's own __init__ imports its CUDA extension (not built): it is replaced by an empty one,
     so `mamba_ssm.ops.triton.ssd_combined` imports alone."""
     import glob
-    import importlib
     os.makedirs(SITE, exist_ok=True)
-    whl = glob.glob(os.path.join(CARRY, 'whl', 'fla_core-*.whl'))
     ok = True
+    whl = glob.glob(os.path.join(CARRY, 'whl', 'fla_core-*.whl'))
     if whl:
-        ok &= subprocess.run([PY, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps', '--no-compile',
-                              '--target', SITE, whl[-1]]).returncode == 0
+        ok &= subprocess.run([PY, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps',
+                              '--no-compile', '--target', SITE, whl[-1]]).returncode == 0
     sdist = sorted(glob.glob(os.path.join(CARRY, 'whl', 'mamba_ssm-*.tar.gz')))
     if sdist:
         with tarfile.open(sdist[-1]) as tar:
@@ -315,43 +404,161 @@ def install_peers():
         src = glob.glob('/tmp/mamba_src/mamba_ssm-*/mamba_ssm')[0]
         shutil.copytree(src, os.path.join(SITE, 'mamba_ssm'), dirs_exist_ok=True)
         open(os.path.join(SITE, 'mamba_ssm', '__init__.py'), 'w').close()
-    sys.path.insert(0, SITE)
-    for mod in ('fla.ops.gla', 'mamba_ssm.ops.triton.ssd_combined'):
-        try:
-            importlib.import_module(mod)
-            print(f"{mod}: ok")
-        except Exception as e:
-            ok = False
-            print(f"{mod}: {type(e).__name__}: {e}")
+    for mod in PEER_MODULES:
+        good, msg = importable(mod)
+        ok &= good
+        print(f"{mod}: {msg}")
     sys.exit(0 if ok else 1)
 
 
-def train_summary(res):
+# --- the training step's profile ------------------------------------------------------------------
+
+def sync_warnings(caught):
+    """{'file:line': count} of the host syncs torch.cuda's sync debug mode warned about."""
+    sites = (f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in caught
+             if 'synchroniz' in str(w.message))
+    return dict(collections.Counter(sites).most_common())
+
+
+def profile_train(res, *overrides):
+    """train.py itself (in this process), fm_sparse at T=1024 by default: torch.profiler over
+    PROFILE_ITERS['active'] steps, hooked at each optimizer step, with torch.cuda's sync debug mode
+    on for those steps (train.py reads the device only at its log lines: none fall among them).
+    -> profile_train.md (the kernel table) and profile_train.json (per step: device time, syncs)."""
+    import runpy
+    import warnings
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    n = PROFILE_ITERS
+    first, last = n['wait'] + n['warmup'], n['wait'] + n['warmup'] + n['active']
+    argv = [*shlex.split(TRAIN)[2:], *train_args('fm_sparse', 1024).split(), '--max_iters=20',
+            '--log_interval=1000', '--out_dir=out-gpu/profile', *overrides]
+    cuda = have_cuda() and '--device=cpu' not in overrides
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU] +
+        ([torch.profiler.ProfilerActivity.CUDA] if cuda else []),
+        schedule=torch.profiler.schedule(wait=n['wait'], warmup=n['warmup'], active=n['active'],
+                                         repeat=1))
+    done = []
+
+    def after_step(*_):
+        done.append(1)
+        if cuda and len(done) in (first, last):
+            torch.cuda.set_sync_debug_mode('warn' if len(done) == first else 0)
+        prof.step()
+    handle = register_optimizer_step_post_hook(after_step)
+    old_argv = sys.argv
+    sys.argv = ['train.py', *argv]
+    try:
+        with prof, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            runpy.run_path(os.path.join(REPO, 'train.py'), run_name='__main__')
+    finally:
+        sys.argv = old_argv
+        handle.remove()
+    write_profile(res, prof, argv, cuda, sync_warnings(caught) if cuda else None)
+
+
+def kernel_rows(prof, cuda, active):
+    """The top 25 by self time per profiled step: CUDA kernels (an op's device time is its
+    kernels', so ops would count it twice), or on CPU the ops."""
+    from torch.autograd import DeviceType
+    key = 'self_device_time_total' if cuda else 'self_cpu_time_total'
+    events = [e for e in prof.key_averages() if not cuda or e.device_type == DeviceType.CUDA]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [dict(name=e.key[:90], ms_per_step=round(getattr(e, key) / 1e3 / active, 3),
+                 calls_per_step=round(e.count / active, 2),
+                 share=round(getattr(e, key) / total, 4)) for e in events[:25]], total
+
+
+def write_profile(res, prof, argv, cuda, syncs):
+    active = PROFILE_ITERS['active']
+    rows, total = kernel_rows(prof, cuda, active)
+    where = 'device (CUDA)' if cuda else 'CPU'
+    out = dict(argv=argv, steps_profiled=active, time_on=where,
+               self_ms_per_step=round(total / 1e3 / active, 3),
+               host_syncs=None if syncs is None else sum(syncs.values()), sync_sites=syncs,
+               top=rows)
+    with open(os.path.join(res, 'profile_train.json'), 'w') as f:
+        json.dump(out, f, indent=1)
+    lines = [f"# One training step of train.py, profiled ({active} steps)", '',
+             f"`python train.py {' '.join(argv)}`", '',
+             f"Self time on the {where}: {out['self_ms_per_step']} ms per step. Host syncs in the "
+             f"profiled steps (torch.cuda sync debug mode): "
+             f"{'not measured (no CUDA)' if syncs is None else out['host_syncs']}"
+             f"{'' if not syncs else ' at ' + ', '.join(f'{k} x{v}' for k, v in syncs.items())}.",
+             '', '| kernel / op | ms per step | calls per step | share |', '|---|---|---|---|']
+    lines += [f"| `{r['name']}` | {r['ms_per_step']} | {r['calls_per_step']} | "
+              f"{100 * r['share']:.1f} % |" for r in rows]
+    with open(os.path.join(res, 'profile_train.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
+# --- summaries ------------------------------------------------------------------------------------
+
+TARGETS = {1024: 0.8, 8192: 1.5}      # issue 20: fm_sparse tokens/s over attention's
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.rstrip().endswith('}')]
+
+
+def timed_runs(train_dir):
     import statistics
     runs = {}
-    for path in sorted(os.listdir(os.path.join(res, 'train'))) if os.path.isdir(os.path.join(res, 'train')) else []:
-        recs = [json.loads(l) for l in open(os.path.join(res, 'train', path)) if l.strip()]
-        steps = [r for r in recs if 'tokens_per_s' in r and r.get('iter', 0) > 5]     # past compile and warm-up
-        med = lambda k: statistics.median(r[k] for r in steps) if steps and k in steps[0] else None
-        runs[path[:-len('.jsonl')]] = dict(iters=max((r['iter'] for r in steps), default=None),
-                                           tokens_per_s=med('tokens_per_s'), ms_per_iter=med('ms_per_iter'),
-                                           mfu=med('mfu'))
+    for m, T in TIMED_SHAPES:
+        path = os.path.join(train_dir, f"{m}_T{T}.jsonl")
+        steps = [r for r in (read_jsonl(path) if os.path.exists(path) else [])
+                 if 'tokens_per_s' in r and r['iter'] > 5]               # past compile and warm-up
+        if steps:
+            runs[f"{m}_T{T}"] = {k: statistics.median(r[k] for r in steps)
+                                 for k in ('tokens_per_s', 'ms_per_iter', 'mfu') if k in steps[0]}
+            runs[f"{m}_T{T}"]['iters'] = max(r['iter'] for r in steps)
     ratios = {}
-    for T, target in ((1024, 0.5), (8192, 1.0)):
-        fm, at = runs.get(f"fm_sparse_T{T}", {}), runs.get(f"attention_T{T}", {})
-        if fm.get('tokens_per_s') and at.get('tokens_per_s'):
+    for T, target in TARGETS.items():
+        fm, at = runs.get(f"fm_sparse_T{T}"), runs.get(f"attention_T{T}")
+        if fm and at:
             r = fm['tokens_per_s'] / at['tokens_per_s']
-            ratios[f"T{T}"] = dict(fm_sparse_over_attention=round(r, 3), target=target, met=r >= target)
-    out = dict(runs=runs, fm_sparse_vs_attention=ratios, command=TRAIN + ' --mixer=M --block_size=T')
-    with open(os.path.join(res, 'train.json'), 'w') as f:
-        json.dump(out, f, indent=1)
-    print(json.dumps(out, indent=1))
-    if not runs:
+            ratios[f"T{T}"] = dict(fm_sparse_over_attention=round(r, 3), target=target,
+                                   met=r >= target)
+    return dict(runs=runs, fm_sparse_vs_attention=ratios,
+                command=TRAIN + ' --mixer=M --block_size=T --batch_size=16384/T')
+
+
+def quick_runs(train_dir):
+    out = {}
+    for mixer in ('fm_sparse', 'attention'):
+        path = os.path.join(train_dir, f"quick_{mixer}.jsonl")
+        recs = read_jsonl(path) if os.path.exists(path) else []
+        evals = [r for r in recs if 'val_loss' in r]
+        steps = [r for r in recs if 'ms_per_iter' in r and r['iter'] > 0]
+        if evals:
+            best = min(evals, key=lambda r: r['val_loss'])
+            out[mixer] = dict(last_iter=evals[-1]['iter'], time_s=evals[-1]['time_s'],
+                              best_val_loss=best['val_loss'], best_iter=best['iter'],
+                              last_val_loss=evals[-1]['val_loss'],
+                              last_train_loss=evals[-1]['train_loss'],
+                              ms_per_iter=round(sum(r['ms_per_iter'] for r in steps)
+                                                / max(len(steps), 1), 1))
+    return dict(runs=out, command=f"python train.py {GPU_CONFIG} --mixer=M")
+
+
+def summary(res):
+    train_dir = os.path.join(res, 'train')
+    outs = {'train.json': timed_runs(train_dir), 'quick.json': quick_runs(train_dir)}
+    for name, out in outs.items():
+        with open(os.path.join(res, name), 'w') as f:
+            json.dump(out, f, indent=1)
+        print(name, json.dumps(out, indent=1))
+    if not outs['train.json']['runs'] and not outs['quick.json']['runs']:
         sys.exit('no training run left a log')
 
 
 def prepare():
-    """Here, before the device calls: what the GPU machine cannot download, into .gpu_carry/."""
+    """Here, before the device call: what the GPU machine cannot download, into .gpu_carry/."""
     os.makedirs(os.path.join(CARRY, 'whl'), exist_ok=True)
     text = os.environ.get('FM_TEXT', os.path.join(REPO, 'data', 'shakespeare_char', 'input.txt'))
     if os.path.exists(text):
@@ -367,26 +574,24 @@ def prepare():
 
 
 def main(argv):
-    sub = {'env': env_info, 'graph_breaks': graph_breaks, 'train_summary': train_summary}
+    sub = {'env': env_info, 'graph_breaks': graph_breaks, 'summary': summary,
+           'profile_train': profile_train, 'install_peers': install_peers, 'prepare': prepare}
     if argv and argv[0] in sub:
         return sub[argv[0]](*argv[1:])
-    if argv and argv[0] == 'install_peers':
-        return install_peers()
-    if argv and argv[0] == 'prepare':
-        return prepare()
-    opts = dict(a[2:].split('=', 1) if '=' in a else (a[2:], '1') for a in argv if a.startswith('--'))
-    unknown = set(opts) - {'call', 'only', 'results', 'dry-run'}
-    if unknown or any(not a.startswith('--') for a in argv):
+    opts = dict(a[2:].split('=', 1) if '=' in a else (a[2:], '1') for a in argv)
+    if set(opts) - {'only', 'results', 'deadline_s', 'dry-run'} or \
+            any(not a.startswith('--') for a in argv):
         sys.exit(__doc__)
     check_plan()
     if 'dry-run' in opts:
-        print(plan_text(commands=True)[0])
+        print(plan_text(commands=True))
         return 0
-    call = opts.get('call', '1')
-    calls = sorted({s.call for s in STEPS}) if call == 'all' else [int(call)]
     only = set(opts['only'].split(',')) if opts.get('only') else set()
-    res = os.path.abspath(opts.get('results', os.path.join(REPO, 'results', 'gpu')))
-    return run_calls(calls, only, res)
+    unknown = only - {s.name for s in STEPS}
+    if unknown:
+        sys.exit(f"gpu_check: --only: unknown steps {sorted(unknown)}")
+    res = os.path.abspath(opts.get('results', os.path.join(REPO, 'out-gpu', 'results')))
+    return run_checklist(res, only, int(opts.get('deadline_s', DEADLINE_S)))
 
 
 if __name__ == '__main__':
