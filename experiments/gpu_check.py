@@ -162,7 +162,7 @@ STEPS = [
     *[timed_train(m, T) for m, T in TIMED_SHAPES],
     subcommand('profile_train', 2, 35, True,
                "torch.profiler table of fm_sparse's compiled training step (T=1024), host syncs"),
-    quick_start('fm_sparse', 90), quick_start('attention', 45),
+    quick_start('fm_sparse', 100), quick_start('attention', 40),
     Step('decode', 2, 25, True,
          f"{PY} -m experiments.bench decode --device=cuda --slots=1024,4096,16384 --slot_top_k=16 "
          f"--contexts=1024,8192,32768 --tokens=20 --slot_repeats=30 --json={{res}}/decode.json",
