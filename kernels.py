@@ -443,24 +443,23 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, delta, A, dy, states, dx, dbeta, TotB, dg
             x_dy = tl.sum(x_a * dy_t[None, :], 1)                         # x_s . dy_t
             dbeta_a += x_dy[:, None] * q_t[None, :] * decay
         _tile_store_rows(dx, row, p, P, dx_a, pk)
+        # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held
+        # through it; W moves before the factored sums below, which then hold no Gl
+        q_a = _tile_rows(q, grow, m, M, mk)
+        dy_a = _tile_rows(dy, row, p, P, pk)
+        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a,
+                                                  input_precision=PREC)
         if FACT:
             bw_a = _tile_rows(beta, grow, m, M, mk)                       # a cache hit
             _tile_add_rows(dbeta, grow, m, M, d_a[:, None] * dbeta_a, mk)
             bdb = bw_a * dbeta_a
             tl.atomic_add(bsum + row, tl.sum(bdb, 1), mask=t_ok, sem='relaxed')
             bdb = d_a[:, None] * bdb                                      # beta_h * dbeta_h
-            tot = tl.sum(bdb, 0)
-            Suf = (suf + tot)[None, :] - (tl.cumsum(bdb, 0) - bdb)        # from t to c's end
-            suf += tot
+            Suf = tl.cumsum(bdb, 0, reverse=True) + suf[None, :]           # from t to c's end
+            suf += tl.sum(bdb, 0)
             _tile_decay_shares(dgw, gsum, g, grow, row, gm, a_h, d_a, -Suf, t_ok, mk, GM)
         else:
             _tile_store_rows(dbeta, row, m, M, dbeta_a, mk)
-        # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held
-        # through it
-        q_a = _tile_rows(q, grow, m, M, mk)
-        dy_a = _tile_rows(dy, row, p, P, pk)
-        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a,
-                                                  input_precision=PREC)
     if FACT:
         tl.store(TotB + ((b * H + h) * n + c) * M + m, suf, mask=m_ok)
 
@@ -611,6 +610,12 @@ def _scan_meta(x, g, beta, chunk_size, A, delta, factored):
     M, GM = beta.shape[-1], g.shape[-1]
     meta = dict(chunk_meta(M, P, chunk_size, x.dtype, _arch(x)), GM=GM, FACT=factored,
                 HAS_D=delta is not None, HAS_A=A is not None)
+    if factored and x.dtype == torch.float32 and meta['BM'] * meta['BP'] > STATE_TILE // 2:
+        # fp32's 3-pass dots and the reverse sweep's sums over the heads pass 255 registers at
+        # STATE_TILE elements of state per 4 warps (sm_90 spills 24-56 bytes): half that, at 8
+        # warps (tests/test_kernels_compile_gputarget.py)
+        meta['BM'] = min(meta['BM'], STATE_TILE // meta['BP'])
+        meta['num_warps'] = 8
     return meta, (B, T, H, P, M), triton.cdiv(T, chunk_size), triton.cdiv(M, meta['BM'])
 
 

@@ -79,6 +79,8 @@ class ScanBench:
     bytes: bool = False                  # instead of timing: count the HBM bytes one Triton fwd+bwd allocates and
                                          # moves (hbm_bytes; no GPU needed, no kernel runs)
     bytes_before: str = ''               # with --bytes: also kernels.py as of this git revision, side by side
+    layer: bool = False                  # with --bytes: one whole fm_sparse training layer instead (layer_bytes),
+                                         # per-head gates vs factored, at the GPU config, T = 1024 and 8192
     json: str = ''                       # write the rows here (a list of objects), rewritten after each row
 
 
@@ -196,7 +198,23 @@ def load_kernels_at(rev):
     return mod
 
 
-def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64, arch=90):
+def unread_args(kernel, meta):
+    """The pointer arguments a launch of kernels.py's `kernel` with constexprs `meta` does not
+    touch (their flags off: any tensor is passed there), so not counted as moved."""
+    unread = set()
+    if not meta.get('HAS_D', True):
+        unread.add('delta')
+    if not meta.get('HAS_A', True):
+        unread.add('A')
+    if not meta.get('FACT', True):
+        unread |= {'TotB', 'dgw', 'gsum', 'bsum'}
+    elif kernel == '_chunk_dq_dg_bwd':
+        unread.add('dbeta')
+    return unread
+
+
+def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64, arch=90,
+              factored=False):
     """The HBM bytes one fwd+bwd of kmod's scan_triton moves and allocates, counted without a GPU:
     the autograd.Function's forward and backward run on CPU tensors with the launches recorded,
     not run. Glue: every PyTorch op they call (TorchDispatchMode), bytes read (inputs, a broadcast
@@ -204,7 +222,10 @@ def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64
     Kernels: each launch reads or writes each tensor argument once (the in-place states of the
     state pass twice), and a tensor without a slot axis (x, dy, y, dx) once per slot block; the
     diagonal blocks' re-reads of rows just loaded are taken as cache hits. A model, not a
-    measurement: what a profiler would count on a GPU differs by caching and by partial lines."""
+    measurement: what a profiler would count on a GPU differs by caching and by partial lines.
+    factored: kmod.scan_factored's glue instead (gates as (B,T,M) factors, delta (B,T,H), A (H));
+    a factor row, read by the H programs of its token, is counted once (they run close together
+    and the factors of a whole batch, 3 x (B,T,M) fp32, fit in L2)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
     launches = []
@@ -247,6 +268,11 @@ def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64
     beta, q = (torch.rand(B, T, H, M, generator=gen).to(gate_dtype) for _ in range(2))
     S0 = torch.randn(B, H, M, P, generator=gen)
     dy, dS = torch.randn(B, T, H, P, generator=gen).to(x_dtype), torch.randn(B, H, M, P, generator=gen)
+    if factored:
+        gw = -torch.rand(B, T, 1 if broadcast else M, generator=gen)
+        bw, qw, delta = torch.rand(B, T, M), torch.rand(B, T, M), torch.rand(B, T, H)
+        A = -torch.rand(H)
+        g = beta = q = None
     count, ctx = Count(), Ctx()
     try:
         with count:
@@ -254,6 +280,11 @@ def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64
                 kmod._ScanTriton.forward(ctx, x, g, beta, q, S0, chunk_size)
                 n_fwd = len(launches)
                 kmod._ScanTriton.backward(ctx, dy, dS)
+            elif factored:
+                f = dict(A=A, delta=delta, factored=True)
+                _, _, S_in, Gc = kmod._scan_fwd(x, gw, bw, qw, S0, chunk_size, **f)
+                n_fwd = len(launches)
+                kmod._scan_bwd(x, gw, bw, qw, S_in, Gc, dy, dS, chunk_size, **f)
             else:                                   # the ops' real implementations
                 _, _, S_in, Gc = kmod._scan_fwd(x, g, beta, q, S0, chunk_size)
                 n_fwd = len(launches)
@@ -268,7 +299,7 @@ def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64
         nb = grid[2] if len(grid) == 3 else 1
         moved = 0
         for name, a in zip(names, args):
-            if isinstance(a, torch.Tensor):
+            if isinstance(a, torch.Tensor) and name not in unread_args(kernel.__name__, meta):
                 times = 2 if (kernel.__name__ == '_state_pass' and name == 'states') else 1
                 if kernel.__name__ == '_state_pass' and name == 'G':     # (before) reads chunk ends only
                     times = 1 / meta['C']
@@ -308,7 +339,70 @@ def bench_bytes(cfg):
     return rows
 
 
+def layer_bytes(T, factored, tokens=16384, D=384, H=12, M=64, P=64, k=8, chunk_size=64):
+    """HBM bytes of one fm_sparse training layer, in_proj to out_proj, forward and backward, at
+    the GPU config (6 x 384: d_inner E = H*P = 768, Δ per head, bf16 activations, fp32 gates),
+    B = tokens / T sequences. Per-head gates: the layer builds g, beta, q_read (B,T,H,M) fp32 and
+    scan_triton returns their gradients, which autograd sums over the heads; factored: it builds
+    w, q (B,T,M) and Δ (B,T,H), and scan_factored does the rest. A model, not a measurement:
+    each op below is one kernel (the elementwise chains fused, as torch.compile does) that reads
+    its inputs and writes its outputs once; the scan is hbm_bytes (its kernels and glue).
+    Returns {op: bytes} and the total."""
+    import kernels
+    N, E, bf, f4 = tokens, H * P, 2, 4
+    C = 2 * E + 2 * M + H                      # in_proj's outputs z, x, r, q, dt
+    X = E + 2 * M                              # the conv's channels x, r, q
+    HM = H * M if not factored else M          # the gates' width per token
+    gate_out = (3 * HM if not factored else 2 * M + H) * f4    # g, beta, q_read | w, q, Δ
+    gate_grad = (3 * HM if not factored else 2 * M + H) * f4   # their gradients, read back
+    ops = {
+        'fwd in_proj': N * (D + C) * bf + D * C * bf,
+        'fwd conv': N * 2 * X * bf,
+        'fwd gates (silu x; router top-k, softplus Δ, gates)': N * (2 * E + 2 * M + H) * bf
+                                                               + N * gate_out,
+        'fwd out (y + D x, * silu z, RMSNorm)': N * 4 * E * bf,
+        'fwd out_proj': N * (E + D) * bf + E * D * bf,
+        'bwd out_proj': N * (D + E + E) * bf + E * D * (bf + f4),
+        'bwd out (RMSNorm, gate, skip)': N * 7 * E * bf,
+        'bwd gates (-> dr, dq, ddt; silu x)': N * gate_grad + N * (2 * M * (f4 + bf) + H * (f4 + bf))
+                                            + N * 3 * E * bf + N * (2 * M + H) * bf,
+        'bwd conv': N * 3 * X * bf,
+        'bwd in_proj': N * (C + D + D) * bf + D * C * (bf + f4),
+    }
+    r = hbm_bytes(kernels, N // T, T, H, M, P, torch.bfloat16, torch.float32, False, chunk_size,
+                  factored=factored)
+    ops['scan fwd+bwd (kernels + glue)'] = r['total_moved_bytes']
+    return ops, sum(ops.values())
+
+
+def bench_layer(cfg):
+    """bench.py scan --bytes --layer: layer_bytes before (per-head gates) and after (factored)."""
+    rows = Rows(cfg.json)
+    print("HBM bytes of one fm_sparse training layer (in_proj to out_proj, fwd+bwd), GPU config "
+          "6x384: d_inner 768, H=12, M=64, P=64, bf16 activations, 16,384 tokens (a model: see "
+          "layer_bytes)\n")
+    print("| T | gates | scan MB | rest of the layer MB | layer MB | before / after |")
+    print("|---|---|---|---|---|---|")
+    for T in (1024, 8192):
+        totals = {}
+        for factored in (False, True):
+            ops, total = layer_bytes(T, factored, chunk_size=cfg.chunk_size)
+            name = 'factored' if factored else 'per-head (B,T,H,M) fp32'
+            totals[factored] = total
+            scan_b = ops['scan fwd+bwd (kernels + glue)']
+            ratio = f"{totals[False] / total:.2f}x" if factored else ''
+            print(f"| {T} | {name} | {scan_b / 1e6:.0f} | {(total - scan_b) / 1e6:.0f} | "
+                  f"{total / 1e6:.0f} | {ratio} |", flush=True)
+            rows.append({'bench': 'layer_bytes', 'T': T, 'B': 16384 // T, 'gates': name,
+                         'tokens': 16384, 'n_embd': 384, 'd_inner': 768, 'H': 12, 'M': 64,
+                         'P': 64, 'chunk_size': cfg.chunk_size, 'ops': ops,
+                         'total_bytes': total})
+    return rows
+
+
 def bench_scan(cfg):
+    if cfg.bytes and cfg.layer:
+        return bench_layer(cfg)
     if cfg.bytes:
         return bench_bytes(cfg)
     device = pick_device(cfg.device, 'scan')

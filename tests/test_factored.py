@@ -112,6 +112,7 @@ CASES = [  # kind, routing, B, T, H, M, P, initial state, chunk, x dtype
     ('mamba2', 'sparse', 1, 20, 2, 100, 48, True, 16, F32),   # 4 slot blocks, broadcast
     ('fm_head', 'sparse', 1, 20, 2, 100, 48, True, 16, F32),  # 4 slot blocks, per slot
     ('fm_head', 'dense', 1, 64, 2, 64, 64, True, 64, BF16),   # the model's M, P; bf16 x
+    ('fm_head', 'sparse', 1, 64, 2, 64, 64, True, 64, F32),   # fp32: two blocks of 32 slots
 ]
 
 

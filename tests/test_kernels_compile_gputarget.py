@@ -4,8 +4,9 @@ Runs without a GPU (ptxas and cuobjdump ship with the triton wheel). The interpr
 (test_kernels.py) checks the numbers; this checks what the interpreter lets through: tl.dot
 shapes and dtypes, layouts, register allocation, ptxas.
 
-What is compiled is what launches. scan_triton (forward and backward) and the decode steps
-run on CPU tensors with kernels._launch replaced by a recorder, so every launch the Python
+What is compiled is what launches. scan_triton and scan_factored (forward and backward; the
+factored one with fp32 factors, with delta and A, and without them where x is fp32 or the
+model's mix) and the decode steps run on CPU tensors with kernels._launch replaced by a recorder, so every launch the Python
 glue makes is captured with its real arguments: the tensors (dtypes, 16-byte alignment of
 their pointers), the ints (T, H, chunk counts), the constexprs and num_warps. Each one is
 then specialized by Triton's own launcher code -- create_function_from_signature (the
@@ -67,8 +68,8 @@ CASES = [(name, t) for name, spec in SCENARIOS.items() for t in spec[-1]]
 
 
 def record_launches(scenario, monkeypatch, target=SM90):
-    """Run the glue of scan_triton (forward + backward) and both decode steps on CPU tensors, as
-    for a GPU of `target`'s arch; return every launch it makes, as (kernel, args, kwargs), without
+    """Run the glue of scan_triton and scan_factored (forward + backward) and both decode steps on
+    CPU tensors, as for a GPU of `target`'s arch; return every launch it makes, as (kernel, args, kwargs), without
     running any."""
     B, T, H, M, P, K, dtype, gate_dtype, broadcast, _ = SCENARIOS[scenario]
     launches = []
@@ -82,6 +83,14 @@ def record_launches(scenario, monkeypatch, target=SM90):
     S0 = leaf(B, H, M, P, dt=F32)
     y, S = kernels.scan_triton(x, g, beta, q, initial_state=S0, chunk_size=CHUNK)
     ((y.float() * torch.randn(y.shape)).sum() + S.sum()).backward()
+    # the factored entry (fp32 factors, the model's): with delta and A, and without (the paper's
+    # gates) where x is fp32 or the model's mix
+    f32 = lambda *shape: leaf(*shape, dt=F32)
+    gw, bw, qw = f32(B, T, 1 if broadcast else M), f32(B, T, M), f32(B, T, M)
+    rates = [(f32(H), f32(B, T, H))] + ([(None, None)] if gate_dtype == F32 and not broadcast else [])
+    for A, delta in rates:
+        y, S = kernels.scan_factored(x, gw, bw, qw, A, delta, initial_state=S0, chunk_size=CHUNK)
+        ((y.float() * torch.randn(y.shape)).sum() + S.sum()).backward()
     state = torch.randn(B, H, M, P)
     kernels.scan_step_triton(state, x[:, 0].detach(), g[:, 0].detach(), beta[:, 0].detach(), q[:, 0].detach())
     idx = torch.arange(K)[None].expand(B, K)
@@ -167,7 +176,7 @@ def test_launches_compile_without_spills(scenario, target, monkeypatch):
         assert compiled.asm['cubin'], f"{kernel.__name__} {scenario} sm{target.arch}: no cubin"
         res = resources(compiled.asm['cubin'])
         pointers = sorted({v for v in signature.values() if v.startswith('*')})
-        flags = {k: v for k, v in kwargs.items() if k in ('REVERSE',)}
+        flags = {k: v for k, v in kwargs.items() if k in ('REVERSE', 'FACT', 'HAS_D', 'HAS_A')}
         rows.append(dict(kernel=kernel.__name__, **flags, scenario=scenario, target=f"sm{target.arch}",
                          num_warps=compiled.metadata.num_warps, pointer_types=pointers,
                          divisible_by_16=divisible, **res))
