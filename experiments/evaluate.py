@@ -13,7 +13,12 @@ cut into non-overlapping windows of L tokens at evenly spaced offsets; every win
 scored at all its positions). The loss by token position (mean over the windows at each
 position) is kept for every length and plotted for the longest one.
 
-Outputs: a markdown table (--table), a PNG plot (--plot), and every number in JSON (--json).
+The loss so far (the paper's measure: at position t, the mean loss over positions 1..t, i.e. the
+cumulative mean of the loss by position) is kept in the JSON at the powers of 2 and at L, for
+every length, and plotted at the longest length with --so_far=path.png.
+
+Outputs: a markdown table (--table), a PNG plot (--plot), the loss-so-far PNG (--so_far), and
+every number in JSON (--json).
 """
 if __name__ == '__main__' and not __package__:   # run as a module, so that the core imports
     raise SystemExit('run it from the repo root as a module: python -m experiments.evaluate ...')
@@ -44,6 +49,7 @@ class EvalConfig:
     table: str = 'results/eval.md'
     plot: str = 'results/eval.png'
     json: str = 'results/eval.json'
+    so_far: str = ''                     # PNG of the loss so far at the longest length; '' = none
 
 
 def windows(data, L, n_tokens):
@@ -72,6 +78,19 @@ def loss_by_position(model, data, L, n_tokens, batch_size, device):
     return (total / len(w)).numpy(), len(w)
 
 
+def loss_so_far(pos):
+    """The loss so far: at position t (1-based), the mean of the loss by position over 1..t."""
+    pos = np.asarray(pos, dtype=np.float64)
+    return np.cumsum(pos) / np.arange(1, len(pos) + 1)
+
+
+def so_far_points(pos):
+    """The loss so far at positions 1, 2, 4, ... and at the last one: {position: loss}."""
+    sf = loss_so_far(pos)
+    ts = sorted({2 ** j for j in range(len(sf).bit_length()) if 2 ** j <= len(sf)} | {len(sf)})
+    return {str(t): round(float(sf[t - 1]), 5) for t in ts}
+
+
 def evaluate(cfg):
     """Evaluate every checkpoint in cfg.out_dirs at every length; write table, plot, JSON."""
     if cfg.threads:
@@ -81,7 +100,7 @@ def evaluate(cfg):
     if not mults or any(m < 1 for m in mults):
         raise SystemExit(f"evaluate.py: --lengths={cfg.lengths} must be positive integers "
                          "(multiples of block_size)")
-    for path in (cfg.table, cfg.plot, cfg.json):   # before the evaluation, which can take long
+    for path in (cfg.table, cfg.plot, cfg.json, cfg.so_far):   # before the evaluation, which can take long
         try:
             if os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -113,6 +132,7 @@ def evaluate(cfg):
                 'mult': mult, 'length': L, 'windows': n, 'loss': loss, 'ppl': math.exp(loss),
                 'loss_first_block': float(pos[:bs].mean()),
                 'loss_beyond_block': float(pos[bs:].mean()) if L > bs else None,
+                'loss_so_far': so_far_points(pos),
                 'loss_by_position': [round(float(v), 5) for v in pos]})
             log(f"{out_dir} ({margs['mixer']}): L={L} ({mult}x) over {n} windows: loss {loss:.4f}, "
                 f"ppl {math.exp(loss):.3f} [{time.time() - t0:.1f} s]")
@@ -129,6 +149,8 @@ def evaluate(cfg):
                        'threads': torch.get_num_threads(), 'results': results}, f, indent=1)
     if cfg.plot:
         plot(results, cfg.plot)
+    if cfg.so_far:
+        plot_so_far(results, cfg.so_far)
     return results
 
 
@@ -187,6 +209,31 @@ def plot(results, path):
     b.set_title('loss by position at the longest length')
     b.grid(alpha=0.3)
     b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_so_far(results, path):
+    """The loss so far (cumulative mean of the loss by position) at each model's longest
+    length, against the token position on a log axis; dashed: the training block_size."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in results:
+        name = os.path.basename(os.path.normpath(r['out_dir']))
+        longest = r['lengths'][-1]
+        sf = loss_so_far(longest['loss_by_position'])
+        ax.plot(np.arange(1, len(sf) + 1), sf, '-', label=f"{name} ({r['mixer']}), L={len(sf)}")
+    for bs in sorted({r['block_size'] for r in results}):
+        ax.axvline(bs, color='gray', ls='--', lw=0.8)
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('token position t (dashed: training block_size)')
+    ax.set_ylabel('loss so far: mean loss over positions 1..t (nats)')
+    ax.set_title('loss so far')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

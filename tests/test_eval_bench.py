@@ -76,6 +76,27 @@ def test_eval_smoke(tmp_path):
             assert abs(l['loss'] - math.log(VOCAB)) < 1.0
 
 
+def test_loss_so_far():
+    pos = [4.0, 2.0, 3.0, 1.0, 5.0]
+    assert np.allclose(evaluate.loss_so_far(pos), [4.0, 3.0, 3.0, 2.5, 3.0])
+    assert evaluate.so_far_points(pos) == {'1': 4.0, '2': 3.0, '4': 2.5, '5': 3.0}
+
+
+def test_eval_so_far(tmp_path):
+    data_dir = make_dataset(tmp_path)
+    run = make_checkpoint(str(tmp_path / 'fm_sparse'), 'fm_sparse', data_dir)
+    res = tmp_path / 'res'
+    evaluate.main([f'--out_dirs={run}', '--lengths=1,2', '--eval_tokens=256', '--threads=1', '--table=',
+                  '--plot=', f'--json={res / "eval.json"}', f'--so_far={res / "so_far.png"}'])
+    assert (res / 'so_far.png').stat().st_size > 0
+    for l in json.loads((res / 'eval.json').read_text())['results'][0]['lengths']:
+        sf = l['loss_so_far']
+        assert list(sf) == [str(t) for t in (1, 2, 4, 8, 16, 32, 64) if t <= l['length']]
+        # the loss so far at the last position is the length's loss
+        assert math.isclose(sf[str(l['length'])], l['loss'], abs_tol=1e-4)
+        assert math.isclose(sf['1'], l['loss_by_position'][0], abs_tol=1e-4)
+
+
 def test_eval_rejects_missing_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match='no checkpoint'):
         evaluate.main([f'--out_dirs={tmp_path / "nothing"}', '--lengths=1'])
