@@ -224,11 +224,7 @@ def scan_impls(config, device):
         mode = 'triton' if torch.device(device).type == 'cuda' else 'chunked'
     if mode == 'triton':
         import kernels
-        factored = getattr(kernels, 'scan_factored', None) or partial(
-            lambda x, gw, bw, q, A=None, delta=None, initial_state=None, chunk_size=64:
-            kernels.scan_triton(x, *scan.expand_gates(gw, bw, q, x.shape[-2], A, delta),
-                                initial_state, chunk_size))
-        return (partial(factored, chunk_size=config.chunk_size),
+        return (partial(kernels.scan_factored, chunk_size=config.chunk_size),
                 kernels.scan_step_triton, kernels.scan_step_sparse_triton)
     parallel = (_naive_factored if mode == 'naive'
                 else partial(scan.scan_factored, chunk_size=config.chunk_size))
