@@ -487,6 +487,13 @@ class KVCache:
     conv: torch.Tensor = None   # (B, 3·n_embd, d_conv-1) with attn_conv: the conv's last inputs
 
 
+@dataclass
+class StaticKVCache:
+    k: torch.Tensor      # (B, n_head, max_len, hd): position t at index t; the length is the
+    v: torch.Tensor      #   decoder's position tensor, not a field (a Python int would be baked in)
+    conv: torch.Tensor = None   # (B, 3·n_embd, d_conv-1) with attn_conv
+
+
 def rope(x, pos):
     """Rotate pairs of channels of x (B, nh, T, hd) by angles pos * 10000^(-2i/hd)."""
     hd = x.shape[-1]
@@ -549,6 +556,28 @@ class Attention(nn.Module):
         conv = None if self.conv is None else self.conv.new_window(B, device)
         return KVCache(k=z, v=z.clone(), len=0, conv=conv)
 
+    def static_step(self, u, pos, cache):
+        """u (B,C) at position pos (() int64, on the device) -> (B,C). Writes k, v at index pos of
+        the static cache and attends over its first pos+1 entries through a mask, so that every
+        shape is fixed and nothing is read back to the host (capturable in a CUDA graph)."""
+        B, C = u.shape
+        qkv = self.qkv(u)                                          # (B,3C)
+        if self.conv is not None:
+            qkv, window = self.conv.step(qkv, cache.conv)
+            cache.conv.copy_(window)
+        q, k, v = self.heads(qkv[:, None], pos[None])              # (B,nh,1,hd) each
+        cache.k.index_copy_(2, pos[None], k.to(cache.k.dtype))
+        cache.v.index_copy_(2, pos[None], v.to(cache.v.dtype))
+        seen = torch.arange(cache.k.shape[2], device=u.device) <= pos   # (max_len,) written so far
+        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=seen[None])  # (B,nh,1,hd)
+        return self.out_proj(y.reshape(B, C))
+
+    def new_static_cache(self, B, max_len, device, dtype=torch.float32):
+        """A KV cache of max_len positions, allocated once: position t lives at index t."""
+        z = torch.zeros(B, self.nh, max_len, self.hd, device=device, dtype=dtype)
+        conv = None if self.conv is None else self.conv.new_window(B, device)
+        return StaticKVCache(k=z, v=z.clone(), conv=conv)
+
 
 # -----------------------------------------------------------------------------
 # The language model
@@ -571,6 +600,20 @@ class Block(nn.Module):
 
     def step(self, x, cache):
         x = x + self.mixer.step(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+    def static_step(self, x, pos, cache):
+        """step on a static cache: every cache tensor is updated in place, none replaced."""
+        u = self.norm1(x)
+        if isinstance(cache, StaticKVCache):
+            h = self.mixer.static_step(u, pos, cache)
+        else:                                    # a recurrent cache is fixed-size already
+            new = RecurrentCache(conv=cache.conv, S=cache.S)
+            h = self.mixer.step(u, new)
+            cache.conv.copy_(new.conv)
+            if new.S is not cache.S:             # scan.scan_step returns a new state; the sparse
+                cache.S.copy_(new.S)             #   and Triton steps write into the old one
+        x = x + h
         return x + self.mlp(self.norm2(x))
 
 
@@ -683,9 +726,69 @@ class LM(nn.Module):
                 total += c.conv.numel() * c.conv.element_size()
         return total
 
+    # --- static-shape decoding: fixed buffers, the position on the device --------
+    def new_static_cache(self, batch_size, max_len, device, dtype=torch.float32):
+        """Caches whose tensors never change shape or storage: the recurrent state and conv window
+        as in new_cache, attention's KV cache preallocated for max_len positions (in dtype, the
+        dtype k and v are computed in)."""
+        return [b.mixer.new_static_cache(batch_size, max_len, device, dtype)
+                if isinstance(b.mixer, Attention) else b.mixer.new_cache(batch_size, device)
+                for b in self.blocks]
+
+    @staticmethod
+    def load_static_cache(static, caches):
+        """Copy the caches prefill returned (the state after the prompt) into static ones."""
+        for s, c in zip(static, caches):
+            if isinstance(s, StaticKVCache):
+                s.k.zero_()
+                s.v.zero_()
+                s.k[:, :, :c.len].copy_(c.k[:, :, :c.len])
+                s.v[:, :, :c.len].copy_(c.v[:, :, :c.len])
+            else:
+                s.S.copy_(c.S)
+            if s.conv is not None:
+                s.conv.copy_(c.conv)
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Prefill on idx (B,T) in parallel, then sample one token at a time through the caches."""
+    def static_step(self, idx, pos, caches):
+        """One token idx (B,) at position pos (() int64 tensor, on the device) -> logits (B,V);
+        caches from new_static_cache, updated in place. Static shapes and no host sync: a CUDA
+        graph can capture it. Equals step (up to rounding: attention sums over a masked cache)."""
+        x = self.wte(idx)
+        for block, cache in zip(self.blocks, caches):
+            x = block.static_step(x, pos, cache)
+        return self.lm_head(self.norm_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, mode='auto',
+                 compile=False):
+        """Prefill on idx (B,T) in parallel, then sample one token at a time through the caches.
+        mode 'eager': step and torch.multinomial from a Python loop (for reading, and CPU);
+        'static': static_step and sample_logits, on the device; 'graph': that step captured in
+        a CUDA graph and replayed per token (CUDA only); 'auto': graph on CUDA, else eager.
+        compile: torch.compile the static step (static, graph), so the graph replays fused code."""
+        if mode == 'auto':
+            mode = 'graph' if idx.is_cuda else 'eager'
+        if mode == 'eager':
+            return self.generate_eager(idx, max_new_tokens, temperature, top_k)
+        B, T = idx.shape
+        out = idx.new_empty(B, T + max_new_tokens)
+        out[:, :T] = idx
+        if max_new_tokens == 0:
+            return out
+        logits, caches = self.prefill(idx)
+        out[:, T] = sample_logits(logits[:, -1], temperature, top_k)
+        dec = Decoder(self, B, T + max_new_tokens, idx.device, temperature, top_k,
+                      graph=mode == 'graph', compile=compile)
+        dec.load(caches, out[:, T], T)
+        for t in range(T + 1, T + max_new_tokens):
+            dec.advance()                                          # no host sync in this loop
+            out[:, t] = dec.tok
+        return out
+
+    @torch.no_grad()
+    def generate_eager(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """generate, one step at a time from Python: the growing KV cache, torch.multinomial."""
         logits, caches = self.prefill(idx)
         logits = logits[:, -1]
         for _ in range(max_new_tokens):
@@ -711,3 +814,86 @@ class LM(nn.Module):
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+
+# -----------------------------------------------------------------------------
+# Decoding on the device: a sampler without host sync, a static step, its CUDA graph
+
+
+def sample_logits(logits, temperature=1.0, top_k=None):
+    """logits (B,V) -> token ids (B,) drawn from softmax(logits / temperature) over the top_k
+    most likely (all if None); the argmax at temperature 0. No host sync (torch.multinomial
+    has none either, but masking by boolean indexing does): argmax_i p_i / E_i with E_i ~ Exp(1)
+    is i with probability p_i, as E_i / p_i ~ Exp(p_i) and the smallest of independent
+    exponentials is the i-th with probability p_i / sum p (gpt-fast's sampler)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]             # (B,1) the k-th largest
+        logits = logits.masked_fill(logits < kth, -float('inf'))
+    probs = logits.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
+def autocast_without_cache(device_type):
+    """The autocast in force, minus its cache of cast weights: a CUDA graph must cast inside
+    itself, not read casts cached outside it, which autocast frees when its context exits."""
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
+
+
+class Decoder:
+    """Static decoding state for one batch: the token tok (B,), its position pos (() int64) and
+    static caches, all on the device. advance() feeds tok at pos, samples the next token into
+    tok and adds 1 to pos, in place; with graph=True by replaying a CUDA graph of that step, so
+    a token costs one launch from the host instead of a few hundred."""
+
+    def __init__(self, model, batch_size, max_len, device, temperature=1.0, top_k=None,
+                 graph=False, compile=False):
+        device = torch.device(device)
+        self.model, self.temperature, self.top_k = model, temperature, top_k
+        kv_dtype = (torch.get_autocast_dtype(device.type)
+                    if torch.is_autocast_enabled(device.type) else torch.float32)
+        self.caches = model.new_static_cache(batch_size, max_len, device, kv_dtype)
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.step_fn = torch.compile(model.static_step) if compile else model.static_step
+        self.graph = None
+        if graph:
+            self.graph = self.capture(device)
+
+    def step(self):
+        """The step itself (what the graph holds)."""
+        logits = self.step_fn(self.tok, self.pos, self.caches)
+        self.tok.copy_(sample_logits(logits, self.temperature, self.top_k))
+        self.pos += 1
+
+    def capture(self, device):
+        """Warm up on a side stream (compiles, autotunes, allocates), then capture one step
+        (the PyTorch docs' recipe). Both run the step on the zero caches: load() comes after."""
+        if device.type != 'cuda':
+            raise ValueError(f"a CUDA graph needs a CUDA device, not {device}")
+        with autocast_without_cache(device.type):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step()
+        return graph
+
+    def load(self, caches, tok, pos):
+        """Start from prefill's caches, token tok (B,) at position pos (an int)."""
+        self.model.load_static_cache(self.caches, caches)
+        self.tok.copy_(tok)
+        self.pos.fill_(pos)
+
+    def advance(self):
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
