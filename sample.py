@@ -5,12 +5,15 @@ Sample text from a checkpoint written by train.py.
     python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0.8 --top_k=50
 
 Generation runs through model.generate: a parallel prefill over the prompt, then one
-token at a time with constant cost per token for the recurrent mixers. The samples are
-printed to stdout, each followed by a line of dashes.
+token at a time with constant cost per token for the recurrent mixers. On CUDA each token
+replays one CUDA graph of the decoding step (--decode=graph; --compile=True fuses the step
+first); on CPU the step runs eagerly (--decode=eager). The samples are printed to stdout,
+each followed by a line of dashes; then one line on stderr gives the generation speed.
 """
 import os
 import pickle
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +21,9 @@ import torch
 
 from common import (DTYPES, autocast_context, load_checkpoint, model_from_checkpoint, parse_config,
                     resolve_device, resolve_dtype)
+
+
+DECODE_MODES = ('auto', 'eager', 'static', 'graph')
 
 
 @dataclass
@@ -32,6 +38,9 @@ class SampleConfig:
     device: str = 'auto'                 # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'mps'
     dtype: str = 'auto'                  # common.DTYPES; auto: bfloat16 on CUDA, else float32
     data_dir: str = 'data'               # only for checkpoints without a vocabulary of their own
+    decode: str = 'auto'                 # model.generate's mode: auto (graph on CUDA, else eager)
+                                         #   | eager | static | graph
+    compile: bool = False                # torch.compile the static step (decode static or graph)
 
 
 def tokenizer(ckpt, cfg):
@@ -75,7 +84,8 @@ def main(argv=None):
               (cfg.max_new_tokens >= 0, 'max_new_tokens', ">= 0"),
               (cfg.temperature >= 0, 'temperature', ">= 0 (0 is greedy)"),
               (cfg.top_k is None or cfg.top_k >= 1, 'top_k', ">= 1 (or None)"),
-              (cfg.dtype in DTYPES, 'dtype', f"one of {', '.join(DTYPES)}")]
+              (cfg.dtype in DTYPES, 'dtype', f"one of {', '.join(DTYPES)}"),
+              (cfg.decode in DECODE_MODES, 'decode', f"one of {', '.join(DECODE_MODES)}")]
     for ok, name, need in checks:
         if not ok:
             raise SystemExit(f"sample.py: {name}={getattr(cfg, name)!r} must be {need}")
@@ -99,11 +109,26 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None]
     top_k = None if cfg.top_k is None else min(cfg.top_k, model.config.vocab_size)
+    mode = cfg.decode if cfg.decode != 'auto' else ('graph' if device.type == 'cuda' else 'eager')
+    if mode == 'graph' and device.type != 'cuda':
+        raise SystemExit(f"sample.py: --decode=graph needs a CUDA device, not {device.type}")
+    if cfg.compile and mode == 'eager':
+        raise SystemExit("sample.py: --compile=True compiles the static step: use it with "
+                         "--decode=static or graph")
+    elapsed = 0.0                        # in generate, to the last token on the host
     with torch.no_grad(), ctx:
         for _ in range(cfg.num_samples):
-            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k)
-            print(decode(y[0].tolist()))
+            t0 = time.perf_counter()
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k,
+                               mode=mode, compile=cfg.compile)
+            tokens = y[0].tolist()       # waits for the device
+            elapsed += time.perf_counter() - t0
+            print(decode(tokens))
             print('---------------', flush=True)
+    n = cfg.num_samples * cfg.max_new_tokens
+    print(f"sample.py: {n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tokens/s "
+          f"(prefill{' and graph capture' if mode == 'graph' else ''} included; decode={mode}"
+          f"{', compiled' if cfg.compile else ''}, {device.type})", file=sys.stderr)
 
 
 if __name__ == '__main__':
