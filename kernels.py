@@ -53,8 +53,9 @@ Where this file differs from scan.py's scan_chunked, and why:
   (stage 1 as acc <- e^{Gl_end} acc + ..., so its exponents are local too), and the chunk total
   G_C is written once by stage 1 (Gc, (B,H,n,GM)) for the state passes. scan.py takes the
   chunk's cumsum of g, and runs a broadcast g as one C x C matrix per chunk (the SSD form).
-- Stage 2 is a sequential loop over chunks here; scan.py does it as one matmul by the
-  (n+1) x (n+1) matrix of decays between chunk ends (on a CPU n small ops cost more).
+- Stage 2 is a sequential loop over chunks here (in programs of BM x 16 columns, below); scan.py
+  does it as one matmul by the (n+1) x (n+1) matrix of decays between chunk ends (on a CPU n
+  small ops cost more).
 - The decay gradient is in the last backward kernel, not PyTorch glue (scan.py: dG, then a
   T-long reverse cumsum). dg at a chunk's first step t0 is exact from two states the passes
   already hold, K[c] = sum_p S_in[c] * E[c-1] (dg_t = sum_p (e^{g_t} S_{t-1}) * D_t, and the
@@ -91,6 +92,14 @@ at 8 warps, and y, dx, dq, dg are written once, in their dtypes. Larger M, and s
 8-warp block spills), take blocks of STATE_TILE / BP slots, and y, dx (and a broadcast dg), which
 sum over slots, are fp32 shares added up in PyTorch.
 
+Stage 2 (the state pass, both directions) is elementwise in the columns as well, and it is a
+loop of n dependent steps, so its programs are many and small: BM slots by BPS = PASS_COLS = 16
+columns, grid (B*H, cdiv(M,BM), cdiv(P,BPS)), 4 warps. Each state element is still read and
+written once; only G_C's BM floats per chunk are read once per column block (from L2). At the
+scan bench's shape (B=8, H=8, M=P=64) that is 256 programs, not 64 of 64 x 64 on 64 of an H200's
+132 SMs, and the busiest SM moves half the bytes per chunk step; at the training shape (B=16,
+H=12) 768, not 192, and the busiest SM moves 3/4 of them (6 programs of 64 x 16, not 2 of 64 x 64).
+
 Any M and P >= 1: tl.dot wants tiles whose sides are powers of 2 >= 16, so a program's tile is
 BM slots by BP = max(16, next_pow2(P)) columns, and loads past M or P are masked to 0. That is
 exact: a slot past M has g = 0, beta = 0 and q = 0, so its row of W stays 0; a column past P has
@@ -115,6 +124,9 @@ STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 regi
                    # larger tile takes 8 warps (one slot block of 64 x 64), a smaller per-thread
                    # share spilled nothing either (tests/test_kernels_compile_gputarget.py,
                    # results/gpu/aot_resources.json)
+PASS_COLS = 16     # BPS, the columns of a state-pass program (stage 2 is elementwise in them): its
+                   # grid is cdiv(P, BPS) times stages 1 and 3's slot blocks, so B*H*cdiv(M,BM)
+                   # sequential loops over the chunks become 4x as many at P = 64 (2x at 32)
 
 
 # -----------------------------------------------------------------------------
@@ -135,11 +147,12 @@ STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 regi
 
 
 @triton.jit
-def _tile_block(bh, mb, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
-          GM: tl.constexpr):
-    """Program (bh, mb)'s b (int64), h, slots m, columns p, their masks, g's column gm per slot."""
+def _tile_block(bh, mb, pb, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
+                BP: tl.constexpr, GM: tl.constexpr):
+    """Program (bh, mb, pb)'s b (int64), h, slots m (block mb of BM), columns p (block pb of BP;
+    pb = 0 but in the state pass), their masks, g's column gm per slot."""
     b, h = (bh // H).to(tl.int64), bh % H
-    m, p = mb * BM + tl.arange(0, BM), tl.arange(0, BP)
+    m, p = mb * BM + tl.arange(0, BM), pb * BP + tl.arange(0, BP)
     if GM == 1:
         gm = m * 0                                                   # broadcast g: its one column
     else:
@@ -287,7 +300,7 @@ def _chunk_state(u, g, k, delta, A, states, Gc, T, H, M: tl.constexpr, P: tl.con
     Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, 0, H, M, P, BM, BP, GM)
     row0, grow0, gstep, a_h = _tile_gate_rows(b, h, T, H, A, FACT, HAS_A)
     acc = tl.zeros([BM, BP], tl.float32)
     G_C = tl.zeros([BM], tl.float32)
@@ -318,7 +331,7 @@ def _chunk_state(u, g, k, delta, A, states, Gc, T, H, M: tl.constexpr, P: tl.con
 
 @triton.jit
 def _state_pass(states, Gc, S0, S_last, H, n, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-                BP: tl.constexpr, GM: tl.constexpr, REVERSE: tl.constexpr):
+                BPS: tl.constexpr, GM: tl.constexpr, REVERSE: tl.constexpr):
     """Stage 2, the recurrence across chunks, in place over `states`:
         forward:  S_in[c] = S;  S = e^{G_C[c]} * S + dS_c    for c = 0..n-1, from S = S0
         reverse:  E[c]    = D;  D = e^{G_C[c]} * D + dD_c    for c = n-1..0, from D = S0
@@ -327,9 +340,12 @@ def _state_pass(states, Gc, S0, S_last, H, n, M: tl.constexpr, P: tl.constexpr, 
     E[c-1], and as S_last = dS_initial after chunk 0.
     states (B,H,n,M,P) fp32: dS_c (dD_c) in, S_in[c] (E[c]) out; Gc (B,H,n,GM) fp32;
     S0 in, S_last out (B,H,M,P) fp32: S_final, or dS_initial when REVERSE.
-    Grid (B*H, cdiv(M,BM))."""
-    bh, mb = tl.program_id(0), tl.program_id(1)
-    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
+    Elementwise in the columns: a program takes BM slots by BPS columns (column block pb), so the
+    n-long sequential loop runs in B*H*cdiv(M,BM)*cdiv(P,BPS) programs, each reading and writing
+    its elements once (G_C's BM rows are read by each column block).
+    Grid (B*H, cdiv(M,BM), cdiv(P,BPS))."""
+    bh, mb, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, pb, H, M, P, BM, BPS, GM)
     ok = m_ok[:, None] & p_ok[None, :]
     mp = m[:, None] * P + p[None, :]
     chunk0 = states + (b * H + h) * n * M * P + mp
@@ -360,7 +376,7 @@ def _chunk_output_fwd(x, g, beta, q, delta, A, states, y, T, H, M: tl.constexpr,
     else (cdiv(M,BM),B,T,H,P) fp32, each block's share. Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, 0, H, M, P, BM, BP, GM)
     row0, grow0, gstep, a_h = _tile_gate_rows(b, h, T, H, A, FACT, HAS_A)
     l = tl.arange(0, L)
     y += mb.to(tl.int64) * tl.num_programs(1) * T * P
@@ -413,7 +429,7 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, delta, A, dy, states, dx, dbeta, TotB, dg
     Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, 0, H, M, P, BM, BP, GM)
     row0, grow0, gstep, a_h = _tile_gate_rows(b, h, T, H, A, FACT, HAS_A)
     l = tl.arange(0, L)
     W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
@@ -488,7 +504,7 @@ def _chunk_dq_dg_bwd(x, g, beta, q, delta, A, dy, states, E, dS0, dbeta, TotB, d
     Grid (n, B*H, cdiv(M,BM))."""
     c, bh, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.num_programs(0)
-    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, H, M, P, BM, BP, GM)
+    b, h, m, p, m_ok, p_ok, gm = _tile_block(bh, mb, 0, H, M, P, BM, BP, GM)
     row0, grow0, gstep, a_h = _tile_gate_rows(b, h, T, H, A, FACT, HAS_A)
     l = tl.arange(0, L)
     W = _tile_matrix(states, (b * H + h) * n + c, m, p, m_ok[:, None] & p_ok[None, :], M, P)
@@ -550,7 +566,7 @@ def chunk_meta(M, P, chunk_size, dtype, arch=90):
     to 2 * STATE_TILE elements (M <= 64 at P <= 64), at 8 warps when over STATE_TILE, so y, dx and
     a broadcast dg are written once, in their dtypes. Otherwise, and on sm_80 (where that 8-warp
     block spills: ptxas, sm_80's mma layouts), blocks of STATE_TILE // BP slots write fp32
-    shares."""
+    shares. BPS: the state pass's columns per program (PASS_COLS; _launch_state_pass)."""
     _check_chunk(chunk_size)
     if M < 1 or P < 1:
         raise ValueError(f"scan_triton needs M (n_slots) >= 1 and P (head_dim) >= 1, "
@@ -563,7 +579,16 @@ def chunk_meta(M, P, chunk_size, dtype, arch=90):
     if BM * BP > (2 if arch >= 90 else 1) * STATE_TILE:
         BM = max(16, STATE_TILE // BP)
     warps = 8 if BM * BP > STATE_TILE else 4
-    return dict(M=M, P=P, BM=BM, BP=BP, C=chunk_size, L=SUB, PREC=prec, num_warps=warps)
+    return dict(M=M, P=P, BM=BM, BP=BP, BPS=min(BP, PASS_COLS), C=chunk_size, L=SUB, PREC=prec,
+                num_warps=warps)
+
+
+def _launch_state_pass(states, Gc, S0, S_last, B, H, n, nb, reverse, meta):
+    """Stage 2's launch: grid (B*H, nb, cdiv(P, BPS)), programs of BM x BPS at 4 warps (8 over
+    STATE_TILE elements), whatever warps the other stages' BM x BP tiles take."""
+    warps = 8 if meta['BM'] * meta['BPS'] > STATE_TILE else 4
+    _launch(_state_pass, (B * H, nb, triton.cdiv(meta['P'], meta['BPS'])), states, Gc, S0, S_last,
+            H, n, REVERSE=reverse, **dict(meta, num_warps=warps))
 
 
 def _arch(t):
@@ -636,7 +661,7 @@ def _scan_fwd(x, g, beta, q, initial_state, chunk_size, A=None, delta=None, fact
          torch.empty(nb, B, T, H, P, **f32))
     grid = (n, B * H, nb)
     _launch(_chunk_state, grid, x, g, beta, delta, A, states, Gc, T, H, REVERSE=False, **meta)
-    _launch(_state_pass, (B * H, nb), states, Gc, S0, S_final, H, n, REVERSE=False, **meta)
+    _launch_state_pass(states, Gc, S0, S_final, B, H, n, nb, False, meta)
     _launch(_chunk_output_fwd, grid, x, g, beta, q, delta, A, states, y, T, H, **meta)
     return (y if nb == 1 else y.sum(0).to(x.dtype)), S_final, states, Gc
 
@@ -671,7 +696,7 @@ def _scan_bwd(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size, A=None, delta=N
         gsum = bsum = TotB = x                                       # unread pointers
     grid = (n, B * H, nb)
     _launch(_chunk_state, grid, dy, g, q, delta_, A_, E, Gc, T, H, REVERSE=True, **meta)
-    _launch(_state_pass, (B * H, nb), E, Gc, dS_final, dS0, H, n, REVERSE=True, **meta)
+    _launch_state_pass(E, Gc, dS_final, dS0, B, H, n, nb, True, meta)
     _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, delta_, A_, dy, E, dx, dbeta, TotB, dg,
             gsum, bsum, T, H, **meta)
     _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, delta_, A_, dy, S_in, E, dS0, dbeta, TotB, dq,

@@ -104,6 +104,7 @@ CASES = [  # routing, decay, T, M, P, initial state, dtype, chunk_size, B, H
     ('sparse', 'strong', 17, 100, 3, True, F32, 16, 2, 1),
     ('sparse', 'weak', 33, 5, 48, False, F32, 32, 1, 2),
     ('sparse', 'strong', 200, 16, 32, False, F32, 64, 1, 1),
+    ('dense', 'weak', 33, 24, 40, True, F32, 16, 2, 2),          # state pass: columns 16+16+8
     ('broadcast', 'strong', 64, 1, 3, True, F32, 64, 1, 2),      # Mamba-2 with one slot
     ('broadcast', 'weak', 200, 16, 64, False, F32, 128, 1, 1),
     ('broadcast', 'strong', 40, 100, 48, True, F32, 16, 1, 1),   # dg summed over 4 slot blocks
@@ -308,8 +309,35 @@ def test_tiles_cover_any_M_P():
             assert BP >= P and (BM >= M or BM * BP >= kernels.STATE_TILE)
             assert BM * BP <= max(2 * kernels.STATE_TILE, 16 * BP)
             assert meta['num_warps'] == (8 if BM * BP > kernels.STATE_TILE else 4)
+            BPS = meta['BPS']                                    # the state pass's column block
+            assert BPS >= 16 and BPS & (BPS - 1) == 0 and BPS <= BP
             if M <= 64 and P <= 64:
                 assert BM >= M                                   # one slot block
+
+
+def test_state_pass_splits_the_columns(monkeypatch):
+    """Stage 2 is elementwise in the columns: both state passes (forward and REVERSE, per-head
+    and factored gates) launch one program per (b*h, slot block, column block of BPS), at
+    4 warps for a BM x BPS tile within STATE_TILE; the other stages keep one column block."""
+    B, T, H, M, P = 2, 100, 3, 64, 40
+    launches = []
+    monkeypatch.setattr(kernels, '_launch', lambda kernel, grid, *a, **meta: launches.append(
+        (kernel.__name__, grid, meta)))
+    x, g, beta, q, S0 = inputs(T, M, P, 'dense', 'weak', torch.float32, B, H)
+    gw, bw, qw = (torch.rand(B, T, M) for _ in range(3))
+    A, delta = -torch.rand(H), torch.rand(B, T, H)
+    y, _, S_in, Gc = kernels._scan_fwd(x, g, beta, q, S0, 64)
+    kernels._scan_bwd(x, g, beta, q, S_in, Gc, torch.randn_like(x), S0, 64)
+    y, _, S_in, Gc = kernels._scan_fwd(x, gw, bw, qw, S0, 64, A, delta, factored=True)
+    kernels._scan_bwd(x, gw, bw, qw, S_in, Gc, torch.randn_like(x), S0, 64, A, delta, factored=True)
+    passes = [(grid, meta) for name, grid, meta in launches if name == '_state_pass']
+    assert [m['REVERSE'] for _, m in passes] == [False, True, False, True]
+    for grid, meta in passes:
+        nb = triton.cdiv(M, meta['BM'])
+        assert grid == (B * H, nb, 3) and meta['BPS'] == 16                  # 40 = 16 + 16 + 8
+        assert meta['num_warps'] == 4
+    others = {grid for name, grid, _ in launches if name != '_state_pass'}
+    assert all(len(grid) == 3 and grid[0] == triton.cdiv(T, 64) for grid in others), others
 
 
 def _explain(fn, args):
