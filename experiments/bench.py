@@ -14,11 +14,17 @@ Benchmarks, each printing its ratios side by side from one run.
         and each one's ratio to attention, at each T x batch.
 
     python -m experiments.bench decode [--device=cpu] [--contexts=1024,8192,16384] [--json=PATH] [--table=PATH]
+                         [--mode=auto|eager|static|graph] [--compile=False] [--batch_size=1]
         per-token decode latency (median over --tokens steps after --warmup steps) and decoding
         state bytes (recurrent state, or attention's KV cache) at each context position, for
         fm, fm_sparse, mamba2 and attention at equal width; then the step cost of sparse vs
         dense FM as n_slots grows (--slots=64,...,4096, --slot_top_k=16), for the whole layer
-        step and for the scan step alone (scan.scan_step vs scan.scan_step_sparse).
+        step and for the scan step alone (the model's steps: scan.scan_step vs
+        scan.scan_step_sparse on CPU, the Triton steps on CUDA), with the GB/s each achieves on
+        the state rows it must read and write (batch_size x dense m, sparse k rows of P per head).
+        --mode: eager times LM.step (growing KV cache); static LM.static_step + greedy sampling on
+        static buffers (model.Decoder); graph replays that step as a CUDA graph (and the slot
+        steps too); auto = graph on CUDA, else eager. --compile: torch.compile the static step.
 
 Options are --key=value (`python -m experiments.bench train --help` lists them). The model sizes default to
 model.ModelConfig's. Timings on a shared CPU are noisy: compare numbers from one run.
@@ -601,6 +607,8 @@ class DecodeBench:
     batch_size: int = 1
     warmup: int = 5                      # steps before timing (attention's cache grows here)
     tokens: int = 40                     # timed steps; the median is reported
+    mode: str = 'auto'                   # eager | static | graph | auto (graph on CUDA, else eager)
+    compile: bool = False                # torch.compile the static step (static, graph)
     # sparse vs dense step cost as n_slots grows
     slots: str = '64,128,256,512,1024,2048,4096'
     slot_top_k: int = 16
@@ -624,10 +632,62 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def decode_mode(cfg, device):
+    mode = cfg.mode if cfg.mode != 'auto' else ('graph' if device.type == 'cuda' else 'eager')
+    if mode not in ('eager', 'static', 'graph'):
+        raise SystemExit(f"bench.py decode: --mode={cfg.mode!r} must be auto, eager, static or graph")
+    if mode == 'graph' and device.type != 'cuda':
+        raise SystemExit(f"bench.py decode: --mode=graph needs a CUDA device, not {device}")
+    if cfg.compile and mode == 'eager':
+        raise SystemExit("bench.py decode: --compile=True compiles the static step: --mode=static or graph")
+    return mode
+
+
+def graphed(fn, device):
+    """fn captured in a CUDA graph (warmed up on a side stream first): its replay, one launch.
+    For timing steps that update their buffers in place."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def kernels_per_step(fn, device):
+    """What one call of fn costs in launches: CUDA kernels (and memcpys/memsets) on CUDA (torch.profiler);
+    on CPU the aten ops that compute (views left out) it dispatches; None for compiled code on CPU,
+    which a dispatch mode does not see into."""
+    if device.type == 'cuda':
+        from torch.profiler import ProfilerActivity, profile
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            _sync(device)
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return Count.n
+
+
 def decode_context_rows(cfg, device, contexts, mixers, rows):
     """Prefill each model over `context` tokens with its parallel forward (the real cache:
-    recurrent state, or a KV cache of that length), then time single decoding steps."""
-    from model import LM, ModelConfig
+    recurrent state, or a KV cache of that length), then time single decoding steps: LM.step
+    (--mode=eager), or model.Decoder's static step with greedy sampling, run or replayed."""
+    from model import LM, Decoder, ModelConfig
+    mode = decode_mode(cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     for mixer in mixers:
         torch.manual_seed(cfg.seed)
@@ -650,7 +710,17 @@ def decode_context_rows(cfg, device, contexts, mixers, rows):
             state_bytes = model.cache_bytes(caches)     # at position `ctx`, before decoding
             tok = torch.randint(mc.vocab_size, (cfg.batch_size,), generator=gen).to(device)
 
-            ms = _median_ms(lambda: model.step(tok, caches), cfg.warmup, cfg.tokens, device)
+            if mode == 'eager':
+                step = lambda: model.step(tok, caches)
+                kernels = kernels_per_step(step, device)
+            else:   # static buffers long enough for every step timed, warm-up and counted here
+                dec = Decoder(model, cfg.batch_size, ctx + cfg.warmup + cfg.tokens + 5, device,
+                              temperature=0, graph=mode == 'graph', compile=cfg.compile)
+                dec.load(caches, tok, ctx)
+                step = dec.advance
+                compiled_cpu = cfg.compile and device.type != 'cuda'
+                kernels = None if compiled_cpu else kernels_per_step(dec.step, device)
+            ms = _median_ms(step, cfg.warmup, cfg.tokens, device)
             recurrent = mixer != 'attention'
             rows.append({'bench': 'context', 'mixer': mixer,
                          'n_slots': mc.n_slots if recurrent else None,
@@ -658,21 +728,27 @@ def decode_context_rows(cfg, device, contexts, mixers, rows):
                          'context': ctx, 'ms_per_token': ms, 'state_bytes': state_bytes,
                          'prefill_s': prefill_s, 'params': params, 'n_layer': mc.n_layer,
                          'n_embd': mc.n_embd, 'batch_size': cfg.batch_size,
-                         'weights': 'trained' if cfg.out_dirs else 'random'})
+                         'weights': 'trained' if cfg.out_dirs else 'random', 'mode': mode,
+                         'compiled': cfg.compile, 'kernels_per_token': kernels})
             print(f"  {mixer:9s} context {ctx:6d}: {ms:7.3f} ms/token, state {state_bytes / 2**20:8.3f} MiB "
-                  f"(prefill {prefill_s:.1f} s)", flush=True)
-            del caches
+                  f"(prefill {prefill_s:.1f} s; {mode}, {kernels} kernels or ops per step)", flush=True)
+            del caches, step
         del model
     return rows
 
 
 def decode_slot_rows(cfg, device, slots, rows):
     """One layer's decoding step, fm (all m rows) vs fm_sparse (top_k rows), as m grows; and
-    the scan step alone (scan.scan_step vs scan.scan_step_sparse). The memory is filled with
-    random values (its size does not depend on the position, only on m)."""
-    from model import ModelConfig, RecurrentMixer
+    the scan step alone (the model's: scan.scan_step vs scan.scan_step_sparse on CPU, the Triton
+    steps on CUDA), with --mode=graph each replayed as a CUDA graph. The memory is filled with
+    random values (its size does not depend on the position, only on m). GB/s: the state rows a
+    step must read and write, B·H·rows·P float32 each way, over its time."""
+    from model import ModelConfig, RecurrentMixer, scan_impls
     k = cfg.slot_top_k
     B = cfg.batch_size
+    mode = decode_mode(cfg, device)
+    run = (lambda fn: graphed(fn, device)) if mode == 'graph' else (lambda fn: fn)
+    mode = 'graph' if mode == 'graph' else 'eager'     # the slot steps have no static form
     for m in slots:
         for mixer in ('fm', 'fm_sparse'):
             torch.manual_seed(cfg.seed)
@@ -687,7 +763,7 @@ def decode_slot_rows(cfg, device, slots, rows):
             u = torch.randn(B, cfg.n_embd, device=device)
             state_bytes = cache.S.numel() * cache.S.element_size() + cache.conv.numel() * cache.conv.element_size()
 
-            ms_layer = _median_ms(lambda: layer.step(u, cache), 3, cfg.slot_repeats, device)
+            ms_layer = _median_ms(run(lambda: layer.step(u, cache)), 3, cfg.slot_repeats, device)
 
             S = torch.randn(B, H, m, P, device=device)
             x = torch.randn(B, H, P, device=device)
@@ -695,21 +771,32 @@ def decode_slot_rows(cfg, device, slots, rows):
             g = -torch.rand(B, H, kk, device=device) * 0.1
             beta, q = torch.rand(B, H, kk, device=device), torch.randn(B, H, kk, device=device)
             idx = torch.stack([torch.randperm(m, device=device)[:k] for _ in range(B)])
+            _, dense_step, sparse_step = scan_impls(mc, device)
             if mixer == 'fm':
-                scan_step = lambda: scan.scan_step(S, x, g, beta, q)
+                scan_step = lambda: dense_step(S, x, g, beta, q)
             else:
-                scan_step = lambda: scan.scan_step_sparse(S, x, g, beta, q, idx)
-            ms_scan = _median_ms(scan_step, 3, cfg.slot_repeats, device)
+                scan_step = lambda: sparse_step(S, x, g, beta, q, idx)
+            ms_scan = _median_ms(run(scan_step), 3, cfg.slot_repeats, device)
             touched = B * H * kk * P * 4     # float32 state bytes read (and written) per token
             for part, ms in (('layer', ms_layer), ('scan', ms_scan)):
                 rows.append({'bench': 'slots', 'part': part, 'mixer': mixer, 'n_slots': m,
                              'top_k': k if mixer == 'fm_sparse' else m, 'context': None,
                              'ms_per_token': ms, 'state_bytes': state_bytes, 'state_bytes_touched': touched,
+                             'gb_per_s': 2 * touched / (ms * 1e-3) / 1e9, 'mode': mode,
                              'in_proj_bytes': layer.in_proj.weight.numel() * 4,
                              'n_embd': cfg.n_embd, 'batch_size': B})
-            print(f"  {mixer:9s} n_slots {m:5d}: layer step {ms_layer:7.3f} ms, scan step {ms_scan:7.3f} ms",
-                  flush=True)
+            print(f"  {mixer:9s} n_slots {m:5d}: layer step {ms_layer:7.3f} ms, scan step {ms_scan:7.3f} ms "
+                  f"({2 * touched / (ms_scan * 1e-3) / 1e9:.2f} GB/s of state rows)", flush=True)
+            del S, cache
     return rows
+
+
+def _mode_phrase(row):
+    mode = row.get('mode', 'eager')
+    return {'eager': "LM.step (eager, growing KV cache)",
+            'static': "LM.static_step + greedy sampling on static buffers, eager",
+            'graph': "LM.static_step + greedy sampling replayed as one CUDA graph"}[mode] + \
+        (", compiled" if row.get('compiled') else "")
 
 
 def _mib(b):
@@ -731,6 +818,7 @@ def decode_tables(rows, cfg, threads, device):
                    ', '.join(f"{m} {r['n_layer']}x{r['n_embd']}, {r['params'] / 1e6:.2f}M params"
                              for m, r in first.items()) +
                    f"), n_slots {sr['n_slots']}, top_k {sr['top_k']}, float32 on {device}, {threads} threads; "
+                   f"{_mode_phrase(sr)}; "
                    f"median of {cfg.tokens} steps after {cfg.warmup} warm-up steps; each model prefilled over "
                    f"the whole context with its parallel forward (random token ids, "
                    f"{sr['weights']} weights), so the state or KV cache is the real one at that position.\n")
@@ -738,6 +826,7 @@ def decode_tables(rows, cfg, threads, device):
         if 'attention' in mixers:
             head += [f"attention / {m}" for m in mixers if m != 'attention']
         head += [f"{m} state MiB" for m in mixers]
+        head += [f"{m} kernels/token" for m in mixers]
         out.append('| ' + ' | '.join(head) + ' |')
         out.append('|' + '---|' * len(head))
         for c in contexts:
@@ -746,6 +835,7 @@ def decode_tables(rows, cfg, threads, device):
                 cells += [f"{at['attention', c]['ms_per_token'] / at[m, c]['ms_per_token']:.2f}x"
                           for m in mixers if m != 'attention']
             cells += [_mib(at[m, c]['state_bytes']) for m in mixers]
+            cells += [str(at[m, c].get('kernels_per_token')) for m in mixers]
             out.append('| ' + ' | '.join(cells) + ' |')
         lo, hi = contexts[0], contexts[-1]
         if 'fm_sparse' in mixers and hi > lo:
@@ -765,10 +855,13 @@ def decode_tables(rows, cfg, threads, device):
         k = cfg.slot_top_k
         out.append(f"\nsparse vs dense FM, one layer's decoding step (n_embd {cfg.n_embd}, expand 2, head_dim 64, "
                    f"batch {cfg.batch_size}) as n_slots grows, top_k {k}; median of {cfg.slot_repeats} steps, "
-                   f"memory filled with random values. 'layer' = in_proj, conv, routing, scan step, "
-                   f"out_proj; 'scan' = scan.scan_step (all m rows) vs scan.scan_step_sparse (k rows).\n")
+                   f"memory filled with random values, {slot_rows[0].get('mode', 'eager')} steps. "
+                   f"'layer' = in_proj, conv, routing, scan step, out_proj; 'scan' = the dense step (all m rows) "
+                   f"vs the sparse one (k rows); GB/s = the state rows read and written (2 x the KiB touched) "
+                   f"over the scan step's time.\n")
         head = ['n_slots', 'fm layer ms', 'fm_sparse layer ms', 'layer speedup', 'fm scan ms',
-                'fm_sparse scan ms', 'scan speedup', 'state KiB touched fm / fm_sparse', 'in_proj KiB']
+                'fm_sparse scan ms', 'scan speedup', 'state KiB touched fm / fm_sparse',
+                'scan GB/s fm / fm_sparse', 'in_proj KiB']
         out.append('| ' + ' | '.join(head) + ' |')
         out.append('|' + '---|' * len(head))
         for m in slots:
@@ -778,6 +871,7 @@ def decode_tables(rows, cfg, threads, device):
                        f"{d['ms_per_token'] / s['ms_per_token']:.1f}x | {ds['ms_per_token']:.3f} | "
                        f"{ss['ms_per_token']:.3f} | {ds['ms_per_token'] / ss['ms_per_token']:.1f}x | "
                        f"{d['state_bytes_touched'] / 1024:.0f} / {s['state_bytes_touched'] / 1024:.0f} | "
+                       f"{ds['gb_per_s']:.2f} / {ss['gb_per_s']:.2f} | "
                        f"{d['in_proj_bytes'] / 1024:.0f} |")
         m = 1024 if 1024 in slots else slots[-1]
         for part in ('layer', 'scan'):
