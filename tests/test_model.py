@@ -202,6 +202,13 @@ def test_per_slot_update_rate_decodes_like_the_forward(scaled_model, mixer):
     assert rel_err(stepped, full) <= 1e-4
 
 
+def gated_output(m, y, x, z):
+    """The read y and values x (B,T,H,P), gate z (B,T,E) -> the mixer's output, longhand:
+    out_proj(rmsnorm((y + D_skip x) * silu(z)))."""
+    y = (y + m.D_skip[:, None] * x).flatten(-2) * torch.nn.functional.silu(z)
+    return m.out_proj(y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * m.norm.weight)
+
+
 @pytest.mark.parametrize('mixer', ['fm', 'fm_sparse', 'mamba2'])
 def test_mixer_equals_the_design_equations(mixer):
     """RecurrentMixer.forward against the layer's equations (README) written out longhand on scan_naive."""
@@ -235,11 +242,7 @@ def test_mixer_equals_the_design_equations(mixer):
             q_read = (q * (w > 0) if mixer == 'fm_sparse' else q)[:, :, None, :].expand_as(beta)
         xh = x.view(2, 11, H, P)
         y, _ = scan_naive(xh, g, beta, q_read)
-        y = (y + m.D_skip[:, None] * xh).reshape(2, 11, E)
-        y = y * F.silu(z)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * m.norm.weight
-        expected = m.out_proj(y)
-        assert rel_err(m(u), expected) <= 1e-5
+        assert rel_err(m(u), gated_output(m, y, xh, z)) <= 1e-5
 
 
 def test_per_head_rate_when_heads_equal_slots():
@@ -318,12 +321,7 @@ def test_paper_mixer_equals_its_equations(mixer):
             th = theta[:, t, None, :, None]                          # (B,1,M,1): every head
             S = (1 - th) * S + th * x[:, t, :, None, :]
             ys.append(torch.einsum('bm,bhmp->bhp', phi[:, t], S))
-        y = torch.stack(ys, 1)
-        y = (y + m.D_skip[:, None] * x).reshape(2, 11, E)
-        y = y * F.silu(z)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * m.norm.weight
-        expected = m.out_proj(y)
-        assert rel_err(m(u), expected) <= 1e-5
+        assert rel_err(m(u), gated_output(m, torch.stack(ys, 1), x, z)) <= 1e-5
 
 
 def test_short_conv_step_equals_its_forward():
