@@ -130,7 +130,8 @@ def autotune(impl, name):
 
 
 PYTEST_CUDA = (f"{PY} -m pytest -q -rs -p no:cacheprovider $({PY} -c 'import xdist' 2>/dev/null && "
-               f"printf -- '-n 6') tests/test_cuda.py --junitxml={{res}}/pytest_cuda.xml")
+               f"printf -- '-n 6') tests/test_cuda.py tests/test_decode.py "
+               f"--junitxml={{res}}/pytest_cuda.xml")
 SANITIZER = (f"PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "
              f"--error-exitcode 9 "
              f"{PY} -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "
@@ -163,10 +164,15 @@ STEPS = [
     subcommand('profile_train', 2, 35, True,
                "torch.profiler table of fm_sparse's compiled training step (T=1024), host syncs"),
     quick_start('fm_sparse', 100), quick_start('attention', 40),
-    Step('decode', 2, 25, True,
-         f"{PY} -m experiments.bench decode --device=cuda --slots=1024,4096,16384 --slot_top_k=16 "
-         f"--contexts=1024,8192,32768 --tokens=20 --slot_repeats=30 --json={{res}}/decode.json",
-         'sparse vs dense decode step as m grows; per-token latency vs context'),
+    Step('decode', 2, 15, True,
+         f"{PY} -m experiments.bench decode --device=cuda --mode=graph --slots= "
+         f"--contexts=1024,8192,32768 --tokens=20 --json={{res}}/decode.json",
+         'per-token latency vs context, batch 1, each step a CUDA graph replay (issue 23)'),
+    Step('decode_slots', 2, 15, True,
+         f"{PY} -m experiments.bench decode --device=cuda --mode=graph --contexts= "
+         f"--slots=1024,4096,16384 --slot_top_k=16 --batch_size=64 --slot_repeats=30 "
+         f"--json={{res}}/decode_slots.json",
+         'sparse vs dense scan step as m grows at batch 64, GB/s of the rows each touches'),
     subcommand('summary', 2, 5, False,
                'tokens/s of the timed runs, fm_sparse / attention -> train.json; quick starts -> '
                'quick.json'),
