@@ -729,14 +729,19 @@ def _scan_bwd_op(x: Tensor, g: Tensor, beta: Tensor, q: Tensor, S_in: Tensor, Gc
     return _scan_bwd(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size)
 
 
-@_scan_fwd_op.register_fake
-def _(x, g, beta, q, initial_state, chunk_size):
+def _fwd_outputs_like(x, M, GM, chunk_size):
+    """The forward ops' outputs, empty (their fake implementation): y (B,T,H,P), S_final
+    (B,H,M,P), the chunk states S_in (B,H,n,M,P) and G_C (B,H,n,GM), float32 but y."""
     _check_chunk(chunk_size)
     B, T, H, P = x.shape
-    M, GM, n = beta.shape[-1], g.shape[-1], (T + chunk_size - 1) // chunk_size
-    f32 = torch.float32
+    n, f32 = (T + chunk_size - 1) // chunk_size, torch.float32
     return (x.new_empty(B, T, H, P), x.new_empty(B, H, M, P, dtype=f32),
             x.new_empty(B, H, n, M, P, dtype=f32), x.new_empty(B, H, n, GM, dtype=f32))
+
+
+@_scan_fwd_op.register_fake
+def _(x, g, beta, q, initial_state, chunk_size):
+    return _fwd_outputs_like(x, beta.shape[-1], g.shape[-1], chunk_size)
 
 
 @_scan_bwd_op.register_fake
@@ -797,12 +802,7 @@ def _scan_factored_bwd_op(x: Tensor, gw: Tensor, bw: Tensor, q: Tensor, A: Optio
 
 @_scan_factored_fwd_op.register_fake
 def _(x, gw, bw, q, A, delta, initial_state, chunk_size):
-    _check_chunk(chunk_size)
-    B, T, H, P = x.shape
-    M, GM, n = bw.shape[-1], gw.shape[-1], (T + chunk_size - 1) // chunk_size
-    f32 = torch.float32
-    return (x.new_empty(B, T, H, P), x.new_empty(B, H, M, P, dtype=f32),
-            x.new_empty(B, H, n, M, P, dtype=f32), x.new_empty(B, H, n, GM, dtype=f32))
+    return _fwd_outputs_like(x, bw.shape[-1], gw.shape[-1], chunk_size)
 
 
 @_scan_factored_bwd_op.register_fake
