@@ -57,6 +57,8 @@ class ModelConfig:
     formulation: str = 'derived'  # fm, fm_sparse: 'derived' (Δ-gated write, its own query q) or
                                   #   'paper' (convex update θ, read by the same affinity)
     router_temp: float = 1.0    # τ: α = softmax(r / τ) (fm, fm_sparse)
+    router_conv: bool = False   # paper: the router logits r pass through the short conv too (as
+                                #   derived's do), so a token can route by the token before it
     update_rate: str = 'head'   # derived: Δ per head (Mamba-2's), or 'slot': per slot, shared by
                                 #   the heads
     d_conv: int = 4             # width of the short causal conv before the recurrent scan
@@ -95,6 +97,8 @@ class ModelConfig:
         need(self.update_rate == 'head' or self.formulation == 'derived', 'update_rate',
              "'slot' is for formulation='derived' (the paper's update rate is per slot already)")
         need(self.router_temp > 0, 'router_temp', "must be > 0")
+        need(not self.router_conv or self.formulation == 'paper', 'router_conv',
+             "is for formulation='paper' (the derived router always passes through the conv)")
         need(self.router_balance in BALANCES, 'router_balance',
              f"must be one of {', '.join(BALANCES)}")
         need(self.router_aux_coef >= 0, 'router_aux_coef', "must be >= 0")
@@ -247,8 +251,10 @@ class RecurrentMixer(nn.Module):
         self.top_k = config.top_k
         if self.paper:
             # u -> z, x (E·D each), then r, η, μ (m each) straight from u: the affinity reads the
-            # block's RMS-normed input (the patents' claim), not the conv's output
-            self.conv_dim, self.n_raw = self.d_inner, 3 * self.M     # conv over x only
+            # block's RMS-normed input (the patents' claim), not the conv's output; router_conv
+            # moves r into the conv, after x
+            n_conv_r = self.M if config.router_conv else 0
+            self.conv_dim, self.n_raw = self.d_inner + n_conv_r, 3 * self.M - n_conv_r
         else:
             # u -> z, x (E·D each), r, q (m each; Mamba-2's B, C), dt (H, or m per slot)
             n_dt = self.M if config.update_rate == 'slot' else self.H
@@ -256,7 +262,8 @@ class RecurrentMixer(nn.Module):
         self.in_proj = nn.Linear(config.n_embd, self.d_inner + self.conv_dim + self.n_raw,
                                  bias=config.bias)
         self.conv = ShortConv(self.conv_dim, config.d_conv)
-        if self.kind != 'mamba2' and not self.paper and not config.router_conv_bias:
+        routed_by_conv = not self.paper or config.router_conv
+        if self.kind != 'mamba2' and routed_by_conv and not config.router_conv_bias:
             # PyTorch's default conv bias (uniform ±1/sqrt(d_conv) = ±0.5) outweighs the projected
             # logits (~0.1-0.2) at init, so every token would pick the same slots: start it at 0.
             with torch.no_grad():
@@ -322,8 +329,10 @@ class RecurrentMixer(nn.Module):
         the scan's inputs x (..., H, P) and Gates, the active slots idx and the router logits r.
         Shared by the parallel forward and the step."""
         if self.paper:
-            x = F.silu(conv_out)
-            r, eta, mu = torch.split(raw, [self.M] * 3, dim=-1)
+            x, r_conv = torch.split(conv_out, [self.d_inner, self.conv_dim - self.d_inner], -1)
+            *r, eta, mu = torch.split(raw, [self.M] * (self.n_raw // self.M), dim=-1)
+            r = r_conv if self.config.router_conv else r[0]
+            x = F.silu(x)
             gates, idx = self.paper_gates(r, eta, mu)
         else:
             x, r, q = torch.split(conv_out, [self.d_inner, self.M, self.M], dim=-1)

@@ -27,7 +27,8 @@ def decode_all(model, idx, n_prompt):
 
 
 MODELS = ([(m, {}) for m in MIXERS] + [('attention', dict(attn_conv=True))]
-          + [(m, dict(formulation='paper')) for m in ('fm', 'fm_sparse')])
+          + [(m, dict(formulation='paper')) for m in ('fm', 'fm_sparse')]
+          + [('fm_sparse', dict(formulation='paper', router_conv=True))])
 
 
 @pytest.mark.parametrize('mixer,kw', MODELS)
@@ -294,19 +295,23 @@ def test_paper_update_is_convex_at_full_affinity():
 
 
 @pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
-def test_paper_mixer_equals_its_equations(mixer):
-    """RecurrentMixer.forward, formulation='paper', against the equations longhand on scan_naive:
-    per slot S_i <- (1 - θ_i) S_i + θ_i x, y = sum_i φ_i S_i; the router reads u, not the conv."""
+@pytest.mark.parametrize('router_conv', [False, True])
+def test_paper_mixer_equals_its_equations(mixer, router_conv):
+    """RecurrentMixer.forward, formulation='paper', against the equations longhand:
+    per slot S_i <- (1 - θ_i) S_i + θ_i x, y = sum_i φ_i S_i; the router reads u, or with
+    router_conv the conv's output of its channels."""
     F = torch.nn.functional
     torch.manual_seed(0)
-    cfg = tiny(mixer, formulation='paper')
+    cfg = tiny(mixer, formulation='paper', router_conv=router_conv)
     m = RecurrentMixer(cfg)
     u = torch.randn(2, 11, cfg.n_embd)
     E, M, H, P = cfg.expand * cfg.n_embd, cfg.n_slots, m.H, cfg.head_dim
     with torch.no_grad():
-        z, x, r, eta, mu = torch.split(m.in_proj(u), [E, E, M, M, M], dim=-1)
-        x = F.conv1d(F.pad(x.transpose(1, 2), (cfg.d_conv - 1, 0)), m.conv.weight, m.conv.bias,
-                     groups=E).transpose(1, 2)
+        z, x, r, eta, mu = torch.split(m.in_proj(u), [E, E, M, M, M], dim=-1)   # either way
+        xr = torch.cat([x, r], -1) if router_conv else x
+        xr = F.conv1d(F.pad(xr.transpose(1, 2), (cfg.d_conv - 1, 0)), m.conv.weight, m.conv.bias,
+                      groups=xr.shape[-1]).transpose(1, 2)
+        x, r = (xr[..., :E], xr[..., E:]) if router_conv else (xr, r)
         x = F.silu(x).view(2, 11, H, P)
         if mixer == 'fm':
             alpha = r.softmax(-1)
