@@ -1,0 +1,61 @@
+#!/bin/bash
+# Issue 21's measurements: formulation='paper' vs 'derived', with Mamba-2 and attention beside them.
+# Machine: the shared 2-core CPU (torch 2.13.0+cpu), 1 thread per process, two processes at a time
+# (plus other workers' tests). Wall times (also the last line of each .log) are under that load.
+# What actually ran, in the order it ran, is chain_recall.sh, chain_fig5.sh, chain_probes.sh and
+# chain_late.sh (queues, one process each); this file lists the same commands by measurement.
+# The model.py default formulation changed to 'paper' in the working tree at 23:52 (someone else's
+# edit); every run here started after that names its formulation.
+set -e
+R=results/formulation/lm
+run() {   # name, then train.py arguments
+    name=$1; shift
+    OMP_NUM_THREADS=1 python train.py --device=cpu --seed=1337 --out_dir=out-form/$name "$@" > $R/$name.log 2>&1
+    cp out-form/$name/log.jsonl $R/$name.jsonl
+}
+# P1: the default LM run (fm_sparse m=64 k=8, 4x128, block 64, 1500 iterations), seed 1337
+run derived --formulation=derived    # 993 s  (paired with paper)
+run paper --formulation=paper        # 958 s
+run mamba2 --mixer=mamba2            # 466 s  (paired with attention, then with recall)
+run attention --mixer=attention      # 265 s
+RUNS=out-form/derived,out-form/paper,out-form/mamba2,out-form/attention
+# 1x and 16x, 32768 tokens per length (32 windows at 16x)                              21 s
+python -m experiments.evaluate --out_dirs=$RUNS --lengths=1,16 --threads=1 --json=$R/eval.json \
+    --table=$R/eval.md --plot=$R/eval.png --so_far=$R/loss_so_far.png
+# P2 and the main P1 numbers: the whole val split (1742 windows at 1x, 108 at 16x)       58 s
+python -m experiments.evaluate --out_dirs=$RUNS --lengths=1,16 --threads=1 --eval_tokens=1000000 \
+    --json=$R/full/eval.json --table=$R/full/eval.md --plot=$R/full/eval.png --so_far=$R/full/loss_so_far.png
+# router health of the two FM runs                                                       3 s
+python -m experiments.router --out_dirs=out-form/derived,out-form/paper --labels=derived,paper \
+    --plot_dir=$R/router > $R/router.txt
+# P3: recall (MQAR, 2400 steps), the paper formulation; derived's are results/recall/router_balance/bias_*
+D=results/formulation/recall
+P=fm_sparse:formulation=paper:top_k=16
+rec() { OMP_NUM_THREADS=1 python -m experiments.recall --jobs=1 --seed=$2 --models=$3 --out_dir=$D/$1 > $D/$1.log 2>&1; }
+rec paper_s1337_m64_256 1337 $P:n_slots=64:seed_index=2,$P:n_slots=256:seed_index=3   # 372 s
+rec paper_s1338_m64_256 1338 $P:n_slots=64:seed_index=2,$P:n_slots=256:seed_index=3   # 359 s
+rec paper_s1337_m1024 1337 $P:n_slots=1024:seed_index=4                               # 1093 s
+rec paper_s1338_m1024 1338 $P:n_slots=1024:seed_index=4                               # 866 s
+# probes of choices the sources leave open (paper_rconv_s1337_m64_256 was run and committed by
+# another session, c12719e: the same spec with router_conv=True, seed 1337)
+rec probe_none_s1337_m64_256 1337 $P:router_balance=none:n_slots=64:seed_index=2,$P:router_balance=none:n_slots=256:seed_index=3
+rec probe_routerconv_s1338_m64_256 1338 $P:router_conv=True:n_slots=64:seed_index=2,$P:router_conv=True:n_slots=256:seed_index=3
+# P4: Fig. 5 at our scale, 500 iterations (a shorter schedule than the default 1500), seed 1337
+F=results/formulation/fig5
+fig() {
+    name=$1; shift
+    OMP_NUM_THREADS=1 python train.py --device=cpu --seed=1337 --max_iters=500 --lr_decay_iters=500 \
+        --out_dir=out-form/fig5/$name "$@" > $F/$name.log 2>&1
+    cp out-form/fig5/$name/log.jsonl $F/$name.jsonl
+}
+for FORM in paper derived; do
+    for m in 32 64 128 256; do     # derived: m=64 and 256 only (time)
+        fig ${FORM}_dense_m$m --formulation=$FORM --mixer=fm --n_slots=$m          # paper: 89/116/166/491 s
+        fig ${FORM}_k$((m/4))_m$m --formulation=$FORM --n_slots=$m --top_k=$((m/4))  # paper: 95/119/170/282 s
+        fig ${FORM}_k4_m$m --formulation=$FORM --n_slots=$m --top_k=4              # paper: 93/118/170/269 s
+    done
+done
+# every Fig. 5 checkpoint on the whole val split at 1x, then the tables and fig5/fig5.png
+python -m experiments.evaluate --out_dirs=$(ls -d out-form/fig5/* | paste -sd, -) --lengths=1 --threads=1 \
+    --eval_tokens=1000000 --json=$F/eval.json --table=$F/eval.md --plot=
+python results/formulation/summarize.py
