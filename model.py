@@ -54,7 +54,7 @@ class ModelConfig:
     head_dim: int = 64          # P
     n_slots: int = 64           # m: memory slots (Mamba-2: state size N)
     top_k: int = 8              # k: slots written and read per token (fm_sparse)
-    formulation: str = 'derived'  # fm, fm_sparse: 'derived' (Δ-gated write, its own query q) or
+    formulation: str = 'paper'    # fm, fm_sparse: 'derived' (Δ-gated write, its own query q) or
                                   #   'paper' (convex update θ, read by the same affinity)
     router_temp: float = 1.0    # τ: α = softmax(r / τ) (fm, fm_sparse)
     router_conv: bool = False   # paper: the router logits r pass through the short conv too (as

@@ -164,8 +164,8 @@ def tiny(mixer, **kw):
 
 MODEL_CASES = [(m, {}) for m in MIXERS] + [('fm_sparse', dict(n_slots=20, top_k=3)),   # M not a power of 2
                                           ('fm', dict(n_slots=64, head_dim=64, chunk_size=64)),
-                                          ('fm', dict(formulation='paper')),
-                                          ('fm_sparse', dict(formulation='paper'))]
+                                          ('fm', dict(formulation='derived')),
+                                          ('fm_sparse', dict(formulation='derived'))]
 
 
 @pytest.mark.parametrize('mixer,kw', MODEL_CASES, ids=lambda v: v if isinstance(v, str) else

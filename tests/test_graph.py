@@ -16,9 +16,9 @@ def tiny(mixer, **kw):
     return ModelConfig(**args)
 
 
-CONFIGS = [('attention', {}), ('mamba2', {}), ('fm', {}), ('fm_sparse', {}),
+CONFIGS = [('attention', {}), ('mamba2', {}), ('fm', {}), ('fm_sparse', {}),     # FM: 'paper'
            ('fm_sparse', dict(router_balance='aux')),
-           ('fm', dict(formulation='paper')), ('fm_sparse', dict(formulation='paper'))]
+           ('fm', dict(formulation='derived')), ('fm_sparse', dict(formulation='derived'))]
 
 
 @pytest.mark.parametrize('mixer,kw', CONFIGS)

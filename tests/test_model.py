@@ -26,9 +26,9 @@ def decode_all(model, idx, n_prompt):
     return torch.cat([logits] + steps, dim=1), caches
 
 
-MODELS = ([(m, {}) for m in MIXERS] + [('attention', dict(attn_conv=True))]
-          + [(m, dict(formulation='paper')) for m in ('fm', 'fm_sparse')]
-          + [('fm_sparse', dict(formulation='paper', router_conv=True))])
+MODELS = ([(m, {}) for m in MIXERS] + [('attention', dict(attn_conv=True))]     # FM: 'paper'
+          + [(m, dict(formulation='derived')) for m in ('fm', 'fm_sparse')]
+          + [('fm_sparse', dict(router_conv=True))])
 
 
 @pytest.mark.parametrize('mixer,kw', MODELS)
@@ -168,7 +168,7 @@ def test_mamba2_gates_follow_the_equations():
 @pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
 @pytest.mark.parametrize('update_rate', ['head', 'slot'])
 def test_fm_gates_follow_the_equations(mixer, update_rate):
-    m = RecurrentMixer(tiny(mixer, update_rate=update_rate))
+    m = RecurrentMixer(tiny(mixer, update_rate=update_rate, formulation='derived'))
     r, q, dt = gate_inputs()
     if update_rate == 'slot':
         dt = torch.randn(5, 16)                                  # one rate per slot, shared by the 4 heads
@@ -194,7 +194,7 @@ def test_fm_gates_follow_the_equations(mixer, update_rate):
 
 @pytest.mark.parametrize('mixer', ['fm', 'fm_sparse'])
 def test_per_slot_update_rate_decodes_like_the_forward(scaled_model, mixer):
-    model = scaled_model(tiny(mixer, update_rate='slot'))
+    model = scaled_model(tiny(mixer, update_rate='slot', formulation='derived'))
     idx = torch.randint(0, 32, (2, 40))
     with torch.no_grad():
         full, _ = model(idx)
@@ -216,7 +216,7 @@ def test_mixer_equals_the_design_equations(mixer):
     from scan import scan_naive
     F = torch.nn.functional
     torch.manual_seed(0)
-    cfg = tiny(mixer)
+    cfg = tiny(mixer, formulation='derived')
     m = RecurrentMixer(cfg)
     u = torch.randn(2, 11, cfg.n_embd)
     E, M, H, P = cfg.expand * cfg.n_embd, cfg.n_slots, m.H, cfg.head_dim
@@ -248,7 +248,7 @@ def test_mixer_equals_the_design_equations(mixer):
 
 def test_per_head_rate_when_heads_equal_slots():
     """H = m = 4: the per-head rate must still be Δ[h], not read as one rate per slot."""
-    m = RecurrentMixer(tiny('fm', n_slots=4))
+    m = RecurrentMixer(tiny('fm', n_slots=4, formulation='derived'))
     assert m.H == m.M == 4
     torch.manual_seed(0)
     r, q, dt = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4)

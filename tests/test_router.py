@@ -32,7 +32,7 @@ BOUNDS = {64: (40, 6), 256: (110, 51)}   # m: (min effective slots, max dead slo
 @pytest.mark.parametrize('m', [64, 256])
 def test_a_fresh_router_spreads_over_the_slots(m):
     torch.manual_seed(0)
-    model = LM(ModelConfig(vocab_size=65, n_slots=m))
+    model = LM(ModelConfig(vocab_size=65, n_slots=m, formulation='derived'))   # its router's conv
     idx = torch.randint(0, 65, (64, 64), generator=torch.Generator().manual_seed(0))
     min_eff, max_dead = BOUNDS[m]
     for s in router_health(model, idx):
@@ -42,7 +42,8 @@ def test_a_fresh_router_spreads_over_the_slots(m):
     old = router_health(model, idx)
     assert all(s['effective'] < min_eff and s['dead'] > max_dead for s in old), old
     torch.manual_seed(0)         # router_conv_bias=True is that old init
-    again = router_health(LM(ModelConfig(vocab_size=65, n_slots=m, router_conv_bias=True)), idx)
+    again = router_health(LM(ModelConfig(vocab_size=65, n_slots=m, router_conv_bias=True,
+                                         formulation='derived')), idx)
     assert max(s['effective'] for s in again) < min_eff
 
 
