@@ -14,7 +14,7 @@ run() {   # name, then train.py arguments
     cp out-form/$name/log.jsonl $R/$name.jsonl
 }
 # P1: the default LM run (fm_sparse m=64 k=8, 4x128, block 64, 1500 iterations), seed 1337
-run derived --formulation=derived    # 993 s  (paired with paper)
+run derived --formulation=derived    # 993 s  (paired with paper; ran without the flag, when 'derived' was the default)
 run paper --formulation=paper        # 958 s
 run mamba2 --mixer=mamba2            # 466 s  (paired with attention, then with recall)
 run attention --mixer=attention      # 265 s
@@ -40,6 +40,7 @@ rec paper_s1338_m1024 1338 $P:n_slots=1024:seed_index=4                         
 # another session, c12719e: the same spec with router_conv=True, seed 1337)
 rec probe_none_s1337_m64_256 1337 $P:router_balance=none:n_slots=64:seed_index=2,$P:router_balance=none:n_slots=256:seed_index=3
 rec probe_routerconv_s1338_m64_256 1338 $P:router_conv=True:n_slots=64:seed_index=2,$P:router_conv=True:n_slots=256:seed_index=3
+rec probe_tau0.5_s1337_m256 1337 $P:router_temp=0.5:n_slots=256:seed_index=3
 # P4: Fig. 5 at our scale, 500 iterations (a shorter schedule than the default 1500), seed 1337
 F=results/formulation/fig5
 fig() {
@@ -49,13 +50,14 @@ fig() {
     cp out-form/fig5/$name/log.jsonl $F/$name.jsonl
 }
 for FORM in paper derived; do
-    for m in 32 64 128 256; do     # derived: m=64 and 256 only (time)
+    for m in 32 64 128 256; do
         fig ${FORM}_dense_m$m --formulation=$FORM --mixer=fm --n_slots=$m          # paper: 89/116/166/491 s
         fig ${FORM}_k$((m/4))_m$m --formulation=$FORM --n_slots=$m --top_k=$((m/4))  # paper: 95/119/170/282 s
         fig ${FORM}_k4_m$m --formulation=$FORM --n_slots=$m --top_k=4              # paper: 93/118/170/269 s
     done
 done
 # every Fig. 5 checkpoint on the whole val split at 1x, then the tables and fig5/fig5.png
+# (run as two: eval_a over the 22 checkpoints done at 00:19, eval_b over derived_k32_m128, derived_k4_m128)
 python -m experiments.evaluate --out_dirs=$(ls -d out-form/fig5/* | paste -sd, -) --lengths=1 --threads=1 \
-    --eval_tokens=1000000 --json=$F/eval.json --table=$F/eval.md --plot=
+    --eval_tokens=1000000 --json=$F/eval_a.json --table=$F/eval_a.md --plot=
 python results/formulation/summarize.py

@@ -28,10 +28,12 @@ def recall_rows():
     return sorted(rows, key=lambda r: (r[0] != 'derived:bias', r[0], r[1], r[2]))
 
 
-def recall_table():
+def recall_table(keep=lambda name: True):
     lines = ['| run | m | seed | 2 pairs | 4 | 8 | 16 | mean | read/write overlap (layer 0, 1) | chance k/m '
              '| effective slots | dead | train min |', '|' + '---|' * 13]
     for name, m, seed, acc, mean, ov, ch, eff, dead, tmin in recall_rows():
+        if not keep(name):
+            continue
         lines.append(f"| {name} | {m} | {seed} | " + ' | '.join(f'{a:.3f}' for a in acc) +
                      f" | **{mean:.3f}** | {', '.join('n/a' if o is None else f'{o:.3f}' for o in ov)} | {m and 16 / m:.3f} | "
                      f"{', '.join(f'{e:.0f}' for e in eff)} | {', '.join(map(str, dead))} | {tmin:.1f} |")
@@ -40,11 +42,11 @@ def recall_table():
 
 def fig5_points():
     """{(formulation, kind): {m: val}} from fig5/*.jsonl's last evaluation (train.py's val, 20
-    batches) and, where present, fig5/eval.json (the whole val split at 1x)."""
+    batches) and, where present, fig5/eval*.json (the whole val split at 1x)."""
     full = {}
-    if os.path.exists(f'{H}/fig5/eval.json'):
-        for r in json.load(open(f'{H}/fig5/eval.json'))['results']:
-            full[os.path.basename(r['out_dir'])] = r['lengths'][0]['loss']
+    for f in sorted(glob.glob(f'{H}/fig5/eval*.json')):
+        for r in json.load(open(f))['results']:
+            full[os.path.basename(os.path.normpath(r['out_dir']))] = r['lengths'][0]['loss']
     pts = {}
     for f in sorted(glob.glob(f'{H}/fig5/*.jsonl')):
         name = os.path.basename(f)[:-6]
@@ -79,7 +81,7 @@ def fig5_table_and_plot():
     for (form, kind), v in sorted(pts.items()):
         xs = sorted(v)
         ys = [v[m][1] if v[m][1] is not None else v[m][0] for m in xs]
-        ax.plot(xs, ys, style[kind], ls='-' if form == 'paper' else '--', label=f'{form} {kind}')
+        ax.plot(xs, ys, style[kind][0], ls='-' if form == 'paper' else '--', label=f'{form} {kind}')
     ax.set_xscale('log', base=2)
     ax.set_xlabel('slots m')
     ax.set_ylabel('val loss (nats/token, whole val split at 1x)')
@@ -93,6 +95,9 @@ def fig5_table_and_plot():
 
 
 if __name__ == '__main__':
-    print(recall_table())
+    main = ('derived:bias', 'paper')
+    print(recall_table(lambda n: n in main))
+    print()
+    print(recall_table(lambda n: n not in main))
     print()
     print(fig5_table_and_plot())
