@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import LM, Decoder, StaticKVCache, sample_logits
+from model import LM, Decoder, sample_logits
 from test_model import MODELS, rel_err, tiny
 
 CUDA = torch.cuda.is_available()

@@ -2,8 +2,8 @@
 # Issue 21's measurements: formulation='paper' vs 'derived', with Mamba-2 and attention beside them.
 # Machine: the shared 2-core CPU (torch 2.13.0+cpu), 1 thread per process, two processes at a time
 # (plus other workers' tests). Wall times (also the last line of each .log) are under that load.
-# What actually ran, in the order it ran, is chain_recall.sh, chain_fig5.sh, chain_probes.sh and
-# chain_late.sh (queues, one process each); this file lists the same commands by measurement.
+# The commands ran as queues of one process each, two queues at a time; this file lists them by
+# measurement.
 # The model.py default formulation changed to 'paper' in the working tree at 23:52 (someone else's
 # edit); every run here started after that names its formulation.
 set -e
