@@ -4,8 +4,8 @@
 # (plus other workers' tests). Wall times (also the last line of each .log) are under that load.
 # The commands ran as queues of one process each, two queues at a time; this file lists them by
 # measurement.
-# The model.py default formulation changed to 'paper' in the working tree at 23:52 (someone else's
-# edit); every run here started after that names its formulation.
+# The model.py default formulation changed to 'paper' while these ran (at 23:52, before its commit);
+# every run here started after that names its formulation.
 set -e
 R=results/formulation/lm
 run() {   # name, then train.py arguments
