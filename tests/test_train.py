@@ -266,6 +266,22 @@ def test_resume_reproduces_uninterrupted_run(runs):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_derived_formulation_resumes_exactly(data_dir, tmp_path):
+    """As test_resume_reproduces_uninterrupted_run (the default, formulation='paper'), for the
+    derived formulation: 20 iterations resumed to 30 end where 30 uninterrupted ones do."""
+    args = [*TINY, f'--data_dir={data_dir}', '--formulation=derived']
+    run('train.py', *args, '--max_iters=30', f'--out_dir={tmp_path / "full"}')
+    run('train.py', *args, '--max_iters=20', f'--out_dir={tmp_path / "part"}')
+    p = run('train.py', *args, '--max_iters=30', f'--out_dir={tmp_path / "part"}',
+            '--init_from=resume')
+    assert 'resuming at iter 20' in p.stdout
+    a = torch.load(tmp_path / 'full' / 'ckpt.pt', weights_only=True)
+    b = torch.load(tmp_path / 'part' / 'ckpt.pt', weights_only=True)
+    assert a['model_args']['formulation'] == b['model_args']['formulation'] == 'derived'
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6)
+
+
 def test_router_health_is_logged_at_each_evaluation(runs):
     evals = [r for r in read_log(runs['full']) if 'val_loss' in r]
     for r in evals:
