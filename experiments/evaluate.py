@@ -201,17 +201,23 @@ def plot(results, path):
     a.set_title('loss vs evaluation length')
     a.grid(alpha=0.3)
     a.legend()
-    for bs in sorted({r['block_size'] for r in results}):
-        b.axvline(bs, color='gray', ls='--', lw=0.8)
-    b.set_xscale('log', base=2)
-    b.set_xlabel('token position (dashed: training block_size)')
-    b.set_ylabel('validation loss (nats/token)')
-    b.set_title('loss by position at the longest length')
-    b.grid(alpha=0.3)
-    b.legend(fontsize=8)
+    by_position_axes(b, results, 'token position (dashed: training block_size)',
+                     'validation loss (nats/token)', 'loss by position at the longest length')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def by_position_axes(ax, results, xlabel, ylabel, title):
+    """A log2 position axis with each model's training block_size dashed, labels, legend."""
+    for bs in sorted({r['block_size'] for r in results}):
+        ax.axvline(bs, color='gray', ls='--', lw=0.8)
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def plot_so_far(results, path):
@@ -226,14 +232,8 @@ def plot_so_far(results, path):
         longest = r['lengths'][-1]
         sf = loss_so_far(longest['loss_by_position'])
         ax.plot(np.arange(1, len(sf) + 1), sf, '-', label=f"{name} ({r['mixer']}), L={len(sf)}")
-    for bs in sorted({r['block_size'] for r in results}):
-        ax.axvline(bs, color='gray', ls='--', lw=0.8)
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel('token position t (dashed: training block_size)')
-    ax.set_ylabel('loss so far: mean loss over positions 1..t (nats)')
-    ax.set_title('loss so far')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    by_position_axes(ax, results, 'token position t (dashed: training block_size)',
+                     'loss so far: mean loss over positions 1..t (nats)', 'loss so far')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
