@@ -90,7 +90,10 @@ Slots never mix in the recurrence, so each program takes a block of BM slots (gr
 state W (BM x P, fp32) stays in registers. On sm_90 the model's M = 64 (at P <= 64) is one block
 at 8 warps, and y, dx, dq, dg are written once, in their dtypes. Larger M, and sm_80 (where that
 8-warp block spills), take blocks of STATE_TILE / BP slots, and y, dx (and a broadcast dg), which
-sum over slots, are fp32 shares added up in PyTorch.
+sum over slots, are fp32 shares added up in PyTorch. Those 8-warp programs take 122-204
+registers a thread on sm_90, so one or two share an SM: _chunk_dq_dg_bwd is launched with a cap of
+DQ_DG_REGS = 128 (two per SM, no spill; ahead-of-time report), _chunk_dx_dbeta_bwd is not (at
+204 it spills 72-120 bytes under the cap).
 
 Stage 2 (the state pass, both directions) is elementwise in the columns as well, and it is a
 loop of n dependent steps, so its programs are many and small: BM slots by BPS = PASS_COLS = 16
@@ -124,6 +127,11 @@ STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 regi
                    # larger tile takes 8 warps (one slot block of 64 x 64), a smaller per-thread
                    # share spilled nothing either (tests/test_kernels_compile_gputarget.py,
                    # results/gpu/aot_resources.json)
+DQ_DG_REGS = 128   # _chunk_dq_dg_bwd's register cap (ptxas maxnreg): at 146-164 registers one 8-warp
+                   # program fills an SM's 64K (8 of its 64 warps resident); at 128 two fit. ptxas
+                   # meets it without spilling where the gates are factored or the dots single-pass
+                   # tf32 (tests/test_kernels_compile_gputarget.py); per-head fp32 gates (tf32x3)
+                   # spill under it and run uncapped
 PASS_COLS = 16     # BPS, the columns of a state-pass program (stage 2 is elementwise in them): its
                    # grid is cdiv(P, BPS) times stages 1 and 3's slot blocks, so B*H*cdiv(M,BM)
                    # sequential loops over the chunks become 4x as many at P = 64 (2x at 32)
@@ -602,9 +610,10 @@ def _arch(t):
 def _launch(kernel, grid, *args, **meta):
     """Every kernel launch goes through here (the compile test records them to compile exactly
     these launches ahead of time). meta: the kernel's constexprs, filtered by its parameter
-    names (_ARG_NAMES, read once), and the launch option num_warps (default 4)."""
+    names (_ARG_NAMES, read once), and the launch options num_warps (default 4) and maxnreg (a
+    register cap; none by default)."""
     kernel[grid](*args, **{k: v for k, v in meta.items()
-                           if k in _ARG_NAMES[kernel] or k == 'num_warps'})
+                           if k in _ARG_NAMES[kernel] or k in ('num_warps', 'maxnreg')})
 
 
 def _require_runnable(t):
@@ -699,8 +708,9 @@ def _scan_bwd(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size, A=None, delta=N
     _launch_state_pass(E, Gc, dS_final, dS0, B, H, n, nb, True, meta)
     _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, delta_, A_, dy, E, dx, dbeta, TotB, dg,
             gsum, bsum, T, H, **meta)
+    cap = dict(maxnreg=DQ_DG_REGS) if factored or meta['PREC'] == 'tf32' else {}
     _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, delta_, A_, dy, S_in, E, dS0, dbeta, TotB, dq,
-            dg, gsum, T, H, **meta)
+            dg, gsum, T, H, **meta, **cap)
     if nb > 1:
         dx = dx.sum(0).to(x.dtype)
     if not factored:
