@@ -41,6 +41,7 @@ rec paper_s1338_m1024 1338 $P:n_slots=1024:seed_index=4                         
 rec probe_none_s1337_m64_256 1337 $P:router_balance=none:n_slots=64:seed_index=2,$P:router_balance=none:n_slots=256:seed_index=3
 rec probe_routerconv_s1338_m64_256 1338 $P:router_conv=True:n_slots=64:seed_index=2,$P:router_conv=True:n_slots=256:seed_index=3
 rec probe_tau0.5_s1337_m256 1337 $P:router_temp=0.5:n_slots=256:seed_index=3
+rec probe_tau0.5_s1338_m256 1338 $P:router_temp=0.5:n_slots=256:seed_index=3     # 271 s (a later session)
 # P4: Fig. 5 at our scale, 500 iterations (a shorter schedule than the default 1500), seed 1337
 F=results/formulation/fig5
 fig() {
