@@ -81,7 +81,8 @@ class ScanBench:
                                          # its ssd_minimal_discrete is timed beside the scalar-decay path
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     impls: str = ''                      # only these: comma-separated names, or the groups 'ours', 'peers',
-                                         # 'triton' (both Triton rows); all if empty
+                                         # 'triton' (both Triton rows), 'variants' (ours, factored and at
+                                         # twice the chunk); all if empty
     bytes: bool = False                  # instead of timing: count the HBM bytes one Triton fwd+bwd allocates and
                                          # moves (hbm_bytes; no GPU needed, no kernel runs)
     bytes_before: str = ''               # with --bytes: also kernels.py as of this git revision, side by side
@@ -92,6 +93,7 @@ class ScanBench:
 
 OURS = ['naive', 'chunked', 'chunked, scalar decay', 'triton', 'triton, scalar decay']
 PEERS = ['fla chunk_gla', 'mamba_chunk_scan_combined', 'ssd_minimal (Mamba-2 listing)']
+VARIANTS = ('triton, factored', 'triton, chunk ')     # name prefixes (the chunk is 2 x --chunk_size)
 
 
 def load_ssd_minimal(path):
@@ -117,7 +119,8 @@ def load_ssd_minimal(path):
 def contenders(cfg, device):
     """The scans to time (not a dispatcher: model.scan_impls picks the one a model runs):
     {name: (decay kind, fn(x, g, beta, q) -> (y, state))}; 'slot' takes per-slot g (B,T,H,M) (FM),
-    'scalar' one decay per head, g (B,T,H,1) (Mamba-2)."""
+    'scalar' one decay per head, g (B,T,H,1) (Mamba-2), 'shared' the gates of one head, (B,T,M)
+    fp32, for all (the paper formulation's factored scan)."""
     C = cfg.chunk_size
     chunked = lambda x, g, beta, q: scan.scan_chunked(x, g, beta, q, chunk_size=C)
     impls = {}
@@ -135,6 +138,13 @@ def contenders(cfg, device):
         import kernels
         impls['triton'] = ('slot', lambda x, g, beta, q: kernels.scan_triton(x, g, beta, q, chunk_size=C))
         impls['triton, scalar decay'] = ('scalar', impls['triton'][1])
+        # variants, timed after the peers: the model's factored entry (here the paper's gates,
+        # one (B,T,M) set shared by the heads, no Delta or A), and twice the chunk (the state
+        # bytes halve: bench.py scan --bytes --layer --chunk_size=128)
+        impls['triton, factored'] = ('shared', lambda x, gw, bw, q: kernels.scan_factored(
+            x, gw, bw, q, None, None, chunk_size=C))
+        impls[f'triton, chunk {2 * C}'] = ('slot', lambda x, g, beta, q: kernels.scan_triton(
+            x, g, beta, q, chunk_size=2 * C))
         try:  # fla's GLA kernel computes the same recurrence (q = q, k = beta, v = x, gk = g, scale 1)
             from fla.ops.gla import chunk_gla
             impls['fla chunk_gla'] = ('slot', lambda x, g, beta, q: chunk_gla(
@@ -425,7 +435,8 @@ def bench_scan(cfg):
     q = torch.randn(B, T, H, M, generator=gen)
     leaf = lambda t, dt: t.to(device, dt).requires_grad_()
     inputs = {'slot': [leaf(x, dtype), leaf(dA * w, torch.float32), leaf(w, dtype), leaf(q, dtype)],
-              'scalar': [leaf(x, dtype), leaf(dA, torch.float32), leaf(w, dtype), leaf(q, dtype)]}
+              'scalar': [leaf(x, dtype), leaf(dA, torch.float32), leaf(w, dtype), leaf(q, dtype)],
+              'shared': [leaf(x, dtype)] + [leaf(t[:, :, 0], torch.float32) for t in (dA * w, w, q)]}
     dy = torch.randn(B, T, H, P, generator=gen).to(device)
     print(f"scan benchmark on {device}, torch {torch.__version__}, {threads} threads", flush=True)
 
@@ -471,9 +482,10 @@ def pick_impls(impls, spec):
     if not spec:
         return impls
     groups = {'ours': [n for n in impls if n in OURS], 'peers': [n for n in impls if n in PEERS],
-              'triton': ['triton', 'triton, scalar decay']}
+              'triton': ['triton', 'triton, scalar decay'],
+              'variants': [n for n in impls if n.startswith(VARIANTS)]}
     names = [n for part in spec.split(',') if part for n in groups.get(part, [part])]
-    unknown = [n for n in names if n not in impls and n not in OURS + PEERS]
+    unknown = [n for n in names if n not in impls and n not in OURS + PEERS and not n.startswith(VARIANTS)]
     if unknown:
         sys.exit(f"bench.py scan: --impls: unknown {unknown}; known here: {list(impls)}, or 'ours', 'peers'")
     return {n: impls[n] for n in names if n in impls}

@@ -17,13 +17,15 @@ The plan, in three phases (--dry-run prints it with every command and budget):
     phase 0, one at a time: data (tiny-Shakespeare from .gpu_carry), install_peers (fla-core and
             mamba_ssm's Triton kernels into SITE, then imported by a fresh interpreter)
     phase 1, side by side, untimed, within one window: env, the CUDA tests, compute-sanitizer,
-            graph breaks, the peers' autotune (fla and Mamba-2, each its own process), and a
-            3-iteration torch.compile warm-up of every training shape phase 2 times, which fills
-            the on-disk inductor/Triton caches so that the timed runs do not compile
-    phase 2, one at a time, timed: the scan beside the peers; train.py at T = 1024 and 8192 for
-            fm_sparse and attention; a torch.profiler table of fm_sparse's training step with its
-            host syncs; the README's GPU quick start to its end for fm_sparse and attention;
-            decode; then the summary (train.json, quick.json)
+            graph breaks, the peers' autotune (fla and Mamba-2, each its own process), our
+            scans' JIT, and a 3-iteration torch.compile warm-up of every training shape phase 2
+            times, which fills the on-disk inductor/Triton caches so that the timed runs do not
+            compile
+    phase 2, one at a time, timed: the scan beside the peers (then ours on factored gates and
+            at twice the chunk); train.py at T = 1024 and 8192 for fm_sparse and attention; a
+            torch.profiler table of fm_sparse's training step with its host syncs; the README's
+            GPU quick start to its end for fm_sparse and attention; decode; then the summary
+            (train.json, quick.json)
 
 Each step runs under its own timeout; a step that fails or times out is recorded and the next one
 runs; a phase-2 step that the deadline no longer leaves room for is recorded as 'not reached'.
@@ -155,11 +157,15 @@ STEPS = [
     subcommand('graph_breaks', 1, PHASE1_WINDOW_S, True,
                "torch._dynamo.explain of each mixer's training forward -> graph_breaks.json"),
     autotune('fla chunk_gla', 'fla'), autotune('mamba_chunk_scan_combined', 'mamba'),
+    Step('warm_scan', 1, PHASE1_WINDOW_S, True,
+         f"{SCAN} --impls=triton,variants --repeats=1 --json={{res}}/warm_scan.json",
+         'our Triton scans once, untimed (per-head, factored, twice the chunk): their JIT, cached'),
     *[warm(f"{m}_T{T}", f"{TRAIN} {train_args(m, T)}") for m, T in TIMED_SHAPES],
     *[warm(f"quick_{m}", quick_cmd(m)) for m in ('fm_sparse', 'attention')],
-    Step('scan_bf16', 2, 40, True, f"{SCAN} --impls=ours,peers --json={{res}}/scan_bf16.json",
-         'our scan, the chunked PyTorch scan, fla chunk_gla and Mamba-2, fwd and fwd+bwd, '
-         'B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
+    Step('scan_bf16', 2, 40, True,
+         f"{SCAN} --impls=ours,peers,variants --json={{res}}/scan_bf16.json",
+         'our scan, the chunked PyTorch scan, fla chunk_gla and Mamba-2, then ours factored and at '
+         'twice the chunk; fwd and fwd+bwd, B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
     *[timed_train(m, T) for m, T in TIMED_SHAPES],
     subcommand('profile_train', 2, 35, True,
                "torch.profiler table of fm_sparse's compiled training step (T=1024), host syncs"),
