@@ -24,7 +24,8 @@ g_s over s <= t inside a chunk, G_C its total, S_in[c] the state entering chunk 
   _chunk_state REVERSE   1, q for beta      dD_c = sum_s (q_s * e^{G_s})^T dy_s
   _state_pass REVERSE    2, backwards       E[c] = adjoint at chunk c's end from later chunks;
                                              dS_initial
-  _chunk_dx_dbeta_bwd    3, reversed        dx, dbeta (a reverse sweep over sub-chunks from E[c])
+  _chunk_dx_dbeta_bwd    3, reversed        dx, then dbeta (a reverse sweep over sub-chunks from
+                                             E[c]; launched twice, one for each)
   _chunk_dq_dg_bwd       3, reading states  dq_t = S_t dy_t;
                                              dg_t = sum_{t' >= t} (q*dq - beta*dbeta)_t'
 
@@ -90,10 +91,10 @@ Slots never mix in the recurrence, so each program takes a block of BM slots (gr
 state W (BM x P, fp32) stays in registers. On sm_90 the model's M = 64 (at P <= 64) is one block
 at 8 warps, and y, dx, dq, dg are written once, in their dtypes. Larger M, and sm_80 (where that
 8-warp block spills), take blocks of STATE_TILE / BP slots, and y, dx (and a broadcast dg), which
-sum over slots, are fp32 shares added up in PyTorch. Those 8-warp programs take 122-204
-registers a thread on sm_90, so one or two share an SM: _chunk_dq_dg_bwd is launched with a cap of
-DQ_DG_REGS = 128 (two per SM, no spill; ahead-of-time report), _chunk_dx_dbeta_bwd is not (at
-204 it spills 72-120 bytes under the cap).
+sum over slots, are fp32 shares added up in PyTorch. An SM's 64K registers hold two such
+8-warp programs at <= 128 registers a thread, one above. So the backward's reverse sweep runs as
+two launches (dx, then dbeta; 204 registers as one) and the dbeta and dq/dg sweeps under a cap of
+BWD_REGS = 128, which ptxas meets without spilling (the ahead-of-time report).
 
 Stage 2 (the state pass, both directions) is elementwise in the columns as well, and it is a
 loop of n dependent steps, so its programs are many and small: BM slots by BPS = PASS_COLS = 16
@@ -127,11 +128,14 @@ STATE_TILE = 2048  # fp32 elements of the state W per 4 warps (BM x BP): 16 regi
                    # larger tile takes 8 warps (one slot block of 64 x 64), a smaller per-thread
                    # share spilled nothing either (tests/test_kernels_compile_gputarget.py,
                    # results/gpu/aot_resources.json)
-DQ_DG_REGS = 128   # _chunk_dq_dg_bwd's register cap (ptxas maxnreg): at 146-164 registers one 8-warp
-                   # program fills an SM's 64K (8 of its 64 warps resident); at 128 two fit. ptxas
-                   # meets it without spilling where the gates are factored or the dots single-pass
-                   # tf32 (tests/test_kernels_compile_gputarget.py); per-head fp32 gates (tf32x3)
-                   # spill under it and run uncapped
+BWD_REGS = 128     # the dbeta and dq/dg sweeps' register cap (ptxas maxnreg): at 146-164 registers
+                   # one 8-warp program fills an SM's 64K (8 of its 64 warps resident); at 128 two
+                   # fit. ptxas (Triton 3.6 and 3.9) meets it without spilling where the dots are
+                   # single-pass tf32 (bf16/fp16 x, as in training) and g is per slot; fp32 x
+                   # (tf32x3) and a broadcast g spill under it and run uncapped
+                   # (tests/test_kernels_compile_gputarget.py)
+SPLIT_SWEEP = True  # the reverse sweep as two launches, dx then dbeta (_chunk_dx_dbeta_bwd); False:
+                   # one launch computing both (the A/B: bench.py scan's 'triton, one reverse sweep')
 PASS_COLS = 16     # BPS, the columns of a state-pass program (stage 2 is elementwise in them): its
                    # grid is cdiv(P, BPS) times stages 1 and 3's slot blocks, so B*H*cdiv(M,BM)
                    # sequential loops over the chunks become 4x as many at P = 64 (2x at 32)
@@ -419,11 +423,15 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, delta, A, dy, states, dx, dbeta, TotB, dg
                         T, H, M: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
                         BP: tl.constexpr, GM: tl.constexpr, C: tl.constexpr, L: tl.constexpr,
                         PREC: tl.constexpr, FACT: tl.constexpr, HAS_D: tl.constexpr,
-                        HAS_A: tl.constexpr):
-    """Backward, reverse sweep: dx_s = D_s^T beta_s and dbeta_s = D_s x_s, sub-chunk by sub-chunk
-    from the last, with the adjoint W held at the last step of sub-chunk a (W = E[c] at first):
+                        HAS_A: tl.constexpr, DX: tl.constexpr, DBETA: tl.constexpr):
+    """Backward, reverse sweep: dx_s = D_s^T beta_s (DX) and dbeta_s = D_s x_s (DBETA),
+    sub-chunk by sub-chunk from the last, with the adjoint W held at the last step of sub-chunk a
+    (W = E[c] at first):
         D_s = e^{Gl_end - Gl_s} * W + sum_{t>=s in a} e^{Gl_t - Gl_s} * q_t dy_t^T
         W  <- e^{Gl_end} * W + (q_a * e^{Gl_a})^T dy_a                 (now at the step before a)
+    The glue launches it twice, dx then dbeta (SPLIT_SWEEP), each carrying W (a tensor-core
+    product a sub-chunk): both in one sweep hold two accumulators and take two reductions a step,
+    204 registers on sm_90 (one program per SM); each half fits in 128 (two per SM).
     x, dy (B,T,H,P); g, beta, q per head or factored (FACT); states (B,H,n,M,P) fp32 = E;
     dx <- (B,T,H,P) in x's dtype with one slot block, else (cdiv(M,BM),B,T,H,P) fp32 shares.
     Per-head gates: dbeta <- (B,T,H,M) fp32 (TotB, dgw, gsum, bsum unused).
@@ -448,11 +456,13 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, delta, A, dy, states, dx, dbeta, TotB, dg
         row, grow, t_ok, mk, pk, g_a, d_a = _tile_sub_chunk(g, delta, row0, grow0, gstep, a_h, t0,
                                                             m_ok, p_ok, gm, T, H, GM, L, HAS_D)
         Gl, Gl_end = _tile_decays(g_a, L)
-        beta_a = _tile_scaled_rows(beta, grow, m, M, mk, d_a, HAS_D)
-        x_a = _tile_rows(x, row, p, P, pk)
         decay_r = tl.exp(Gl_end[None, :] - Gl)
-        dx_a = tl.dot(beta_a * decay_r, W, input_precision=PREC)
-        dbeta_a = decay_r * tl.dot(x_a, tl.trans(W), input_precision=PREC)
+        if DX:
+            beta_a = _tile_scaled_rows(beta, grow, m, M, mk, d_a, HAS_D)
+            dx_a = tl.dot(beta_a * decay_r, W, input_precision=PREC)
+        if DBETA:
+            x_a = _tile_rows(x, row, p, P, pk)
+            dbeta_a = decay_r * tl.dot(x_a, tl.trans(W), input_precision=PREC)
         # diagonal block, pairwise, one later step t = t0 + j at a time:
         #   dx_s += A_a[t, s] dy_t,   dbeta_si += (dy_t . x_s) q_ti e^{Gl_ti - Gl_si}   (s <= t)
         # decay[s] = e^{Gl_t - Gl_s} (s <= t, else 0): the last step's times e^{g_t} <= 1,
@@ -462,18 +472,21 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, delta, A, dy, states, dx, dbeta, TotB, dg
             q_t, dy_t, a_t = _tile_step(q, dy, g, delta, row0, grow0, gstep, a_h, t0 + j, T, H,
                                         m, p, gm, M, P, GM, False, HAS_D)
             decay = tl.where(l[:, None] == j, 1.0, decay * a_t[None, :])
-            A_t = tl.sum(beta_a * q_t[None, :] * decay, 1)               # A_a[t, :]
-            dx_a += A_t[:, None] * dy_t[None, :]
-            x_dy = tl.sum(x_a * dy_t[None, :], 1)                         # x_s . dy_t
-            dbeta_a += x_dy[:, None] * q_t[None, :] * decay
-        _tile_store_rows(dx, row, p, P, dx_a, pk)
+            if DX:
+                A_t = tl.sum(beta_a * q_t[None, :] * decay, 1)            # A_a[t, :]
+                dx_a += A_t[:, None] * dy_t[None, :]
+            if DBETA:
+                x_dy = tl.sum(x_a * dy_t[None, :], 1)                     # x_s . dy_t
+                dbeta_a += x_dy[:, None] * q_t[None, :] * decay
+        if DX:
+            _tile_store_rows(dx, row, p, P, dx_a, pk)
         # q_a and dy_a are loaded only now (cache hits: the loop read their rows), not held
         # through it; W moves before the factored sums below, which then hold no Gl
         q_a = _tile_rows(q, grow, m, M, mk)
         dy_a = _tile_rows(dy, row, p, P, pk)
         W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(q_a * tl.exp(Gl)), dy_a,
                                                   input_precision=PREC)
-        if FACT:
+        if DBETA and FACT:
             bw_a = _tile_rows(beta, grow, m, M, mk)                       # a cache hit
             _tile_add_rows(dbeta, grow, m, M, d_a[:, None] * dbeta_a, mk)
             bdb = bw_a * dbeta_a
@@ -482,9 +495,9 @@ def _chunk_dx_dbeta_bwd(x, g, beta, q, delta, A, dy, states, dx, dbeta, TotB, dg
             Suf = tl.cumsum(bdb, 0, reverse=True) + suf[None, :]           # from t to c's end
             suf += tl.sum(bdb, 0)
             _tile_decay_shares(dgw, gsum, g, grow, row, gm, a_h, d_a, -Suf, t_ok, mk, GM)
-        else:
+        elif DBETA:
             _tile_store_rows(dbeta, row, m, M, dbeta_a, mk)
-    if FACT:
+    if DBETA and FACT:
         tl.store(TotB + ((b * H + h) * n + c) * M + m, suf, mask=m_ok)
 
 
@@ -544,6 +557,9 @@ def _chunk_dq_dg_bwd(x, g, beta, q, delta, A, dy, states, E, dS0, dbeta, TotB, d
             decay, a_next = tl.where(l[:, None] == j, 1.0, decay * a_next[None, :]), a_s
             dy_x = tl.sum(dy_a * x_s[None, :], 1)                         # dy_t . x_s
             dq_a += dy_x[:, None] * beta_s[None, :] * decay
+        # W moves first: the decay gradient below then holds no Gl, x_a (nor beta_a, factored)
+        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)),
+                                                  x_a, input_precision=PREC)
         # the decay gradient: dG in registers, its chunk-local exclusive prefix sum taken from K
         q_a = _tile_rows(q, grow, m, M, mk)
         if FACT:
@@ -560,8 +576,6 @@ def _chunk_dq_dg_bwd(x, g, beta, q, delta, A, dy, states, E, dS0, dbeta, TotB, d
             tl.store(dg + row, tl.sum(dg_a, 1).to(dg.dtype.element_ty), mask=t_ok)
         else:
             _tile_store_rows(dg, row, m, M, dg_a, mk)
-        W = tl.exp(Gl_end)[:, None] * W + tl.dot(tl.trans(beta_a * tl.exp(Gl_end[None, :] - Gl)),
-                                                  x_a, input_precision=PREC)
 
 
 def chunk_meta(M, P, chunk_size, dtype, arch=90):
@@ -706,9 +720,12 @@ def _scan_bwd(x, g, beta, q, S_in, Gc, dy, dS_final, chunk_size, A=None, delta=N
     grid = (n, B * H, nb)
     _launch(_chunk_state, grid, dy, g, q, delta_, A_, E, Gc, T, H, REVERSE=True, **meta)
     _launch_state_pass(E, Gc, dS_final, dS0, B, H, n, nb, True, meta)
-    _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, delta_, A_, dy, E, dx, dbeta, TotB, dg,
-            gsum, bsum, T, H, **meta)
-    cap = dict(maxnreg=DQ_DG_REGS) if factored or meta['PREC'] == 'tf32' else {}
+    cap = dict(maxnreg=BWD_REGS) if meta['PREC'] == 'tf32' and GM > 1 else {}
+    sweeps = [dict(DX=True, DBETA=False), dict(DX=False, DBETA=True, **cap)] if SPLIT_SWEEP else [
+        dict(DX=True, DBETA=True)]
+    for sweep in sweeps:           # dx, then dbeta (and TotB, which _chunk_dq_dg_bwd reads)
+        _launch(_chunk_dx_dbeta_bwd, grid, x, g, beta, q, delta_, A_, dy, E, dx, dbeta, TotB, dg,
+                gsum, bsum, T, H, **meta, **sweep)
     _launch(_chunk_dq_dg_bwd, grid, x, g, beta, q, delta_, A_, dy, S_in, E, dS0, dbeta, TotB, dq,
             dg, gsum, T, H, **meta, **cap)
     if nb > 1:

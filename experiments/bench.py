@@ -81,8 +81,8 @@ class ScanBench:
                                          # its ssd_minimal_discrete is timed beside the scalar-decay path
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     impls: str = ''                      # only these: comma-separated names, or the groups 'ours', 'peers',
-                                         # 'triton' (both Triton rows), 'variants' (ours, factored and at
-                                         # twice the chunk); all if empty
+                                         # 'triton' (both Triton rows), 'variants' (ours: factored, at twice
+                                         # the chunk, the reverse sweep as one launch); all if empty
     bytes: bool = False                  # instead of timing: count the HBM bytes one Triton fwd+bwd allocates and
                                          # moves (hbm_bytes; no GPU needed, no kernel runs)
     bytes_before: str = ''               # with --bytes: also kernels.py as of this git revision, side by side
@@ -93,7 +93,7 @@ class ScanBench:
 
 OURS = ['naive', 'chunked', 'chunked, scalar decay', 'triton', 'triton, scalar decay']
 PEERS = ['fla chunk_gla', 'mamba_chunk_scan_combined', 'ssd_minimal (Mamba-2 listing)']
-VARIANTS = ('triton, factored', 'triton, chunk ')     # name prefixes (the chunk is 2 x --chunk_size)
+VARIANTS = ('triton, factored', 'triton, chunk ', 'triton, one reverse sweep')   # name prefixes
 
 
 def load_ssd_minimal(path):
@@ -114,6 +114,15 @@ def load_ssd_minimal(path):
     if 'ssd_minimal_discrete' not in ns:
         sys.exit(f"bench.py scan: {path} has no ssd_minimal_discrete")
     return ns['ssd_minimal_discrete']
+
+
+def one_sweep(x, g, beta, q, chunk_size):
+    """scan_triton with the backward's reverse sweep as one launch (dx and dbeta together): the
+    flag is read when the backward launches, right after this returns in bench_scan, which sets
+    it back before every other contender."""
+    import kernels
+    kernels.SPLIT_SWEEP = False
+    return kernels.scan_triton(x, g, beta, q, chunk_size=chunk_size)
 
 
 def contenders(cfg, device):
@@ -145,6 +154,7 @@ def contenders(cfg, device):
             x, gw, bw, q, None, None, chunk_size=C))
         impls[f'triton, chunk {2 * C}'] = ('slot', lambda x, g, beta, q: kernels.scan_triton(
             x, g, beta, q, chunk_size=2 * C))
+        impls['triton, one reverse sweep'] = ('slot', lambda x, g, beta, q: one_sweep(x, g, beta, q, C))
         try:  # fla's GLA kernel computes the same recurrence (q = q, k = beta, v = x, gk = g, scale 1)
             from fla.ops.gla import chunk_gla
             impls['fla chunk_gla'] = ('slot', lambda x, g, beta, q: chunk_gla(
@@ -226,6 +236,10 @@ def unread_args(kernel, meta):
         unread |= {'TotB', 'dgw', 'gsum', 'bsum'}
     elif kernel == '_chunk_dq_dg_bwd':
         unread.add('dbeta')
+    if meta.get('DBETA') is False:      # the reverse sweep's dx launch
+        unread |= {'x', 'dbeta', 'TotB', 'dgw', 'gsum', 'bsum'}
+    if meta.get('DX') is False:         # its dbeta launch (beta only for the factored sums)
+        unread |= {'dx'} | (set() if meta.get('FACT') else {'beta'})
     return unread
 
 
@@ -320,7 +334,8 @@ def hbm_bytes(kmod, B, T, H, M, P, x_dtype, gate_dtype, broadcast, chunk_size=64
                 if kernel.__name__ == '_state_pass' and name == 'G':     # (before) reads chunk ends only
                     times = 1 / meta['C']
                 moved += int(times * nbytes(a)) * (nb if name in ('x', 'u', 'dy', 'y', 'dx') else 1)
-        key = f"{'fwd' if i < n_fwd else 'bwd'} {kernel.__name__}{' reverse' if meta.get('REVERSE') else ''}"
+        part = {(True, False): ' (dx)', (False, True): ' (dbeta)'}.get((meta.get('DX'), meta.get('DBETA')), '')
+        key = f"{'fwd' if i < n_fwd else 'bwd'} {kernel.__name__}{' reverse' if meta.get('REVERSE') else ''}{part}"
         per_kernel[key] = per_kernel.get(key, 0) + moved
     kernel_bytes = sum(per_kernel.values())
     return dict(glue_moved_bytes=count.rw, glue_allocated_bytes=count.alloc, kernel_moved_bytes=kernel_bytes,
@@ -442,6 +457,8 @@ def bench_scan(cfg):
 
     rows = Rows(cfg.json)
     for name, (decay, fn) in pick_impls(contenders(cfg, device), cfg.impls).items():
+        if 'kernels' in sys.modules:
+            sys.modules['kernels'].SPLIT_SWEEP = True          # one_sweep's flag, reset
         args = inputs[decay]
         def fwd():
             with torch.no_grad():

@@ -340,6 +340,33 @@ def test_state_pass_splits_the_columns(monkeypatch):
     assert all(len(grid) == 3 and grid[0] == triton.cdiv(T, 64) for grid in others), others
 
 
+@pytest.mark.parametrize('factored', [False, True])
+def test_one_reverse_sweep_equals_two(factored, monkeypatch):
+    """The backward's reverse sweep launched once (dx and dbeta together: SPLIT_SWEEP = False,
+    bench.py's A/B) gives the gradients of the two launches the glue makes, bit for bit; 3 slot
+    blocks at M = 100, the sweep's sums over the heads (factored) included."""
+    B, T, H, M, P = 1, 40, 2, 100, 48
+    x, g, beta, q, S0 = inputs(T, M, P, 'sparse', 'strong', F32, B, H)
+    if factored:
+        gen = torch.Generator().manual_seed(2)
+        g, beta, q = -torch.rand(B, T, M, generator=gen), *torch.rand(2, B, T, M, generator=gen)
+        extra = (-torch.rand(H, generator=gen), torch.rand(B, T, H, generator=gen))
+        run = lambda *a: kernels.scan_factored(*a[:4], *a[5:], initial_state=a[4], chunk_size=16)
+    else:
+        extra = ()
+        run = lambda *a: kernels.scan_triton(*a[:4], initial_state=a[4], chunk_size=16)
+    dy = torch.randn(B, T, H, P, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for split in (True, False):
+        monkeypatch.setattr(kernels, 'SPLIT_SWEEP', split)
+        leaves = [t.clone().requires_grad_() for t in (x, g, beta, q, S0, *extra)]
+        y, S = run(*leaves)
+        ((y * dy).sum() + S.sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def _explain(fn, args):
     """torch._dynamo.explain of fn(*args): its graph breaks, with their reasons printed."""
     torch._dynamo.reset()
