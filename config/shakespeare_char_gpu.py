@@ -12,6 +12,11 @@
 # eval_iters 50, not 200: 50 batches are 819,200 characters, ~7 passes over val.bin's 111,540.
 # On CUDA train.py picks bf16 autocast, the Triton scan and torch.compile (dtype, scan_impl and
 # compile left at their 'auto'/None defaults).
+# chunk_size 128, not 64: the Triton scan's chunk states (fp32, one per chunk) are most of its
+# HBM traffic, and twice the chunk halves them (modelled, one layer fwd+bwd at T = 1024: 1784 ->
+# 1505 MB; python -m experiments.bench scan --bytes=True --layer=True --chunk_size=128) while
+# each launch keeps >= 1536 programs at 16,384 tokens. Not yet timed: the GPU checklist's scan
+# rows 'triton' and 'triton, chunk 128' are that A/B.
 # What differs from the defaults (TrainConfig in train.py, ModelConfig in model.py), and the
 # mixer, n_slots and top_k, stated.
 out_dir = 'out-shakespeare-char-gpu'
@@ -20,6 +25,7 @@ n_layer = 6
 n_embd = 384
 n_slots = 64
 top_k = 8
+chunk_size = 128
 dropout = 0.2
 block_size = 256
 batch_size = 64

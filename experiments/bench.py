@@ -370,14 +370,16 @@ def bench_bytes(cfg):
     return rows
 
 
-def layer_bytes(T, factored, tokens=16384, D=384, H=12, M=64, P=64, k=8, chunk_size=64):
+def layer_bytes(T, factored, tokens=16384, D=384, H=12, M=64, P=64, k=8, chunk_size=64,
+                kmod=None):
     """HBM bytes of one fm_sparse training layer, in_proj to out_proj, forward and backward, at
     the GPU config (6 x 384: d_inner E = H*P = 768, Δ per head, bf16 activations, fp32 gates),
     B = tokens / T sequences. Per-head gates: the layer builds g, beta, q_read (B,T,H,M) fp32 and
     scan_triton returns their gradients, which autograd sums over the heads; factored: it builds
     w, q (B,T,M) and Δ (B,T,H), and scan_factored does the rest. A model, not a measurement:
     each op below is one kernel (the elementwise chains fused, as torch.compile does) that reads
-    its inputs and writes its outputs once; the scan is hbm_bytes (its kernels and glue).
+    its inputs and writes its outputs once; the scan is hbm_bytes (its kernels and glue) of
+    kmod (kernels.py, or a module of it at another revision: load_kernels_at).
     Returns {op: bytes} and the total."""
     import kernels
     N, E, bf, f4 = tokens, H * P, 2, 4
@@ -400,25 +402,29 @@ def layer_bytes(T, factored, tokens=16384, D=384, H=12, M=64, P=64, k=8, chunk_s
         'bwd conv': N * 3 * X * bf,
         'bwd in_proj': N * (C + D + D) * bf + D * C * (bf + f4),
     }
-    r = hbm_bytes(kernels, N // T, T, H, M, P, torch.bfloat16, torch.float32, False, chunk_size,
+    r = hbm_bytes(kmod or kernels, N // T, T, H, M, P, torch.bfloat16, torch.float32, False, chunk_size,
                   factored=factored)
     ops['scan fwd+bwd (kernels + glue)'] = r['total_moved_bytes']
     return ops, sum(ops.values())
 
 
 def bench_layer(cfg):
-    """bench.py scan --bytes --layer: layer_bytes before (per-head gates) and after (factored)."""
+    """bench.py scan --bytes --layer: layer_bytes with per-head gates (kernels.py at --bytes_before,
+    the code before the gates were factored, or now) and with factored gates (now)."""
     rows = Rows(cfg.json)
+    before = load_kernels_at(cfg.bytes_before) if cfg.bytes_before else None
+    name_before = f"per-head (B,T,H,M) fp32, kernels.py at {cfg.bytes_before or 'HEAD'}"
     print("HBM bytes of one fm_sparse training layer (in_proj to out_proj, fwd+bwd), GPU config "
-          "6x384: d_inner 768, H=12, M=64, P=64, bf16 activations, 16,384 tokens (a model: see "
-          "layer_bytes)\n")
+          "6x384: d_inner 768, H=12, M=64, P=64, bf16 activations, 16,384 tokens, chunk "
+          f"{cfg.chunk_size} (a model: see layer_bytes)\n")
     print("| T | gates | scan MB | rest of the layer MB | layer MB | before / after |")
     print("|---|---|---|---|---|---|")
     for T in (1024, 8192):
         totals = {}
         for factored in (False, True):
-            ops, total = layer_bytes(T, factored, chunk_size=cfg.chunk_size)
-            name = 'factored' if factored else 'per-head (B,T,H,M) fp32'
+            ops, total = layer_bytes(T, factored, chunk_size=cfg.chunk_size,
+                                     kmod=None if factored else before)
+            name = 'factored' if factored else name_before
             totals[factored] = total
             scan_b = ops['scan fwd+bwd (kernels + glue)']
             ratio = f"{totals[False] / total:.2f}x" if factored else ''
