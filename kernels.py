@@ -134,8 +134,8 @@ BWD_REGS = 128     # the dbeta and dq/dg sweeps' register cap (ptxas maxnreg): a
                    # single-pass tf32 (bf16/fp16 x, as in training) and g is per slot; fp32 x
                    # (tf32x3) and a broadcast g spill under it and run uncapped
                    # (tests/test_kernels_compile_gputarget.py)
-SPLIT_SWEEP = True  # the reverse sweep as two launches, dx then dbeta (_chunk_dx_dbeta_bwd); False:
-                   # one launch computing both (the A/B: bench.py scan's 'triton, one reverse sweep')
+SPLIT_SWEEP = True # the reverse sweep as two launches, dx then dbeta (_chunk_dx_dbeta_bwd); False:
+                   # one launch for both (the A/B: bench.py scan's 'triton, one reverse sweep')
 PASS_COLS = 16     # BPS, the columns of a state-pass program (stage 2 is elementwise in them): its
                    # grid is cdiv(P, BPS) times stages 1 and 3's slot blocks, so B*H*cdiv(M,BM)
                    # sequential loops over the chunks become 4x as many at P = 64 (2x at 32)
