@@ -163,7 +163,7 @@ STEPS = [
     *[warm(f"{m}_T{T}", f"{TRAIN} {train_args(m, T)}") for m, T in TIMED_SHAPES],
     *[warm(f"quick_{m}", quick_cmd(m)) for m in ('fm_sparse', 'attention')],
     Step('scan_bf16', 2, 40, True,
-         f"{SCAN} --impls=ours,peers,variants --json={{res}}/scan_bf16.json",
+         f"{SCAN} --impls=ours,peers,variants --repeats=10 --json={{res}}/scan_bf16.json",
          'our scan, the chunked PyTorch scan, fla chunk_gla and Mamba-2, then ours factored and at '
          'twice the chunk; fwd and fwd+bwd, B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
     *[timed_train(m, T) for m, T in TIMED_SHAPES],
