@@ -6,7 +6,10 @@ Benchmarks, each printing its ratios side by side from one run.
         the scans, forward and forward+backward: naive (the recurrence) vs chunked with per-slot
         decay (FM) vs chunked with scalar decay (Mamba-2); with --ssd_minimal=PATH also Mamba-2's
         minimal SSD listing (state-spaces/mamba's mamba_ssm/modules/ssd_minimal.py, needs einops);
-        on CUDA also Triton, and fla's chunk_gla and mamba_ssm's mamba_chunk_scan_combined if installed.
+        on CUDA also Triton, and fla's chunk_gla and mamba_ssm's mamba_chunk_scan_combined if installed,
+        and (--impls=variants) ours on factored gates, at twice the chunk, with one reverse sweep.
+        --bytes=True [--layer=True] [--bytes_before=REV]: no timing, the HBM bytes a Triton fwd+bwd
+        moves (of one fm_sparse training layer with --layer), counted without a GPU.
 
     python -m experiments.bench train [--shapes=256x16,2048x2,4096x1] [--compile=True] [--json=PATH]
         ms per training step (forward, backward, AdamW step; float32) of the shakespeare_char models
