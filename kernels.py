@@ -93,8 +93,9 @@ at 8 warps, and y, dx, dq, dg are written once, in their dtypes. Larger M, and s
 8-warp block spills), take blocks of STATE_TILE / BP slots, and y, dx (and a broadcast dg), which
 sum over slots, are fp32 shares added up in PyTorch. An SM's 64K registers hold two such
 8-warp programs at <= 128 registers a thread, one above. So the backward's reverse sweep runs as
-two launches (dx, then dbeta; 204 registers as one) and the dbeta and dq/dg sweeps under a cap of
-BWD_REGS = 128, which ptxas meets without spilling (the ahead-of-time report).
+two launches (dx, then dbeta; 204 registers as one), and the dbeta and dq/dg sweeps run under a
+cap of BWD_REGS = 128 where ptxas meets it without spilling (bf16 x, g per slot: the model under
+autocast; the ahead-of-time report).
 
 Stage 2 (the state pass, both directions) is elementwise in the columns as well, and it is a
 loop of n dependent steps, so its programs are many and small: BM slots by BPS = PASS_COLS = 16
