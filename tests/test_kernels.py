@@ -367,6 +367,30 @@ def test_one_reverse_sweep_equals_two(factored, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_bench_variants_compute_the_scan(monkeypatch):
+    """bench.py scan's Triton variants (--impls=variants: factored gates shared by the heads, twice
+    the chunk, one reverse sweep) compute scan_naive's y, S_final and gradients on the inputs
+    bench_scan gives them ('shared': one head's gates, (B,T,M), for all heads)."""
+    from experiments import bench
+    monkeypatch.setattr(kernels, 'SPLIT_SWEEP', True)          # one_sweep sets it; restored after
+    cfg = bench.ScanBench(B=1, T=40, H=2, M=16, P=16, chunk_size=16, naive=False)
+    variants = bench.pick_impls(bench.contenders(cfg, torch.device('cuda')), 'variants')
+    assert list(variants) == ['triton, factored', 'triton, chunk 32', 'triton, one reverse sweep']
+    x, g, beta, q, _ = inputs(40, 16, 16, 'dense', 'strong', F32, 1, 2)
+    shared_naive = lambda x, *gates: scan.scan_naive(x, *(t[:, :, None].expand(-1, -1, 2, -1)
+                                                          for t in gates))
+    for name, (kind, fn) in variants.items():
+        args = [x, g, beta, q] if kind == 'slot' else [x] + [t[:, :, 0] for t in (g, beta, q)]
+        results = []
+        for run in (fn, scan.scan_naive if kind == 'slot' else shared_naive):
+            leaves = [t.clone().requires_grad_() for t in args]
+            y, S = run(*leaves)
+            (y.square().sum() + S.sum()).backward()
+            results.append([y.detach(), S.detach()] + [t.grad for t in leaves])
+        for got, ref in zip(*results):
+            assert rel_err(got, ref) <= TOL[F32], name
+
+
 def _explain(fn, args):
     """torch._dynamo.explain of fn(*args): its graph breaks, with their reasons printed."""
     torch._dynamo.reset()
