@@ -25,6 +25,23 @@ python -m experiments.evaluate --out_dirs=$RUNS --lengths=1,16 --threads=1 --jso
 # P2 and the main P1 numbers: the whole val split (1742 windows at 1x, 108 at 16x)       58 s
 python -m experiments.evaluate --out_dirs=$RUNS --lengths=1,16 --threads=1 --eval_tokens=1000000 \
     --json=$R/full/eval.json --table=$R/full/eval.md --plot=$R/full/eval.png --so_far=$R/full/loss_so_far.png
+# P1, second seed (a later session; 1 thread each, two at a time, nothing else running):
+# the names take _s1338, e.g. out-form/paper_s1338, results/formulation/lm/paper_s1338.log
+run1338() { name=$1; shift
+    OMP_NUM_THREADS=1 python train.py --device=cpu --seed=1338 --out_dir=out-form/${name}_s1338 "$@" \
+        > $R/${name}_s1338.log 2>&1
+    cp out-form/${name}_s1338/log.jsonl $R/${name}_s1338.jsonl
+}
+run1338 paper --formulation=paper      # 393 s  (paired with derived)
+run1338 derived --formulation=derived  # 411 s
+run1338 mamba2 --mixer=mamba2          # 312 s  (paired with attention)
+run1338 attention --mixer=attention    # 142 s
+S=out-form/derived_s1338,out-form/paper_s1338,out-form/mamba2_s1338,out-form/attention_s1338
+python -m experiments.evaluate --out_dirs=$S --lengths=1,16 --threads=2 --eval_tokens=1000000 \
+    --json=$R/full_s1338/eval.json --table=$R/full_s1338/eval.md --plot=$R/full_s1338/eval.png \
+    --so_far=$R/full_s1338/loss_so_far.png                                              # 36 s
+python -m experiments.router --out_dirs=out-form/derived_s1338,out-form/paper_s1338 \
+    --labels=derived_s1338,paper_s1338 > $R/router_s1338.txt                            # 3 s
 # router health of the two FM runs                                                       3 s
 python -m experiments.router --out_dirs=out-form/derived,out-form/paper --labels=derived,paper \
     --plot_dir=$R/router > $R/router.txt
