@@ -79,18 +79,20 @@ done
 python -m experiments.evaluate --out_dirs=$(ls -d out-form/fig5/* | paste -sd, -) --lengths=1 --threads=1 \
     --eval_tokens=1000000 --json=$F/eval_a.json --table=$F/eval_a.md --plot=
 python results/formulation/summarize.py
-# Fig. 5's second seed (a later session), the paper formulation only (two queues at a time,
-# 88-261 s each), then its checkpoints on the whole val split at 1x (111 s)
+# Fig. 5's second seed (a later session; two queues at a time, 88-303 s each), then its
+# checkpoints on the whole val split at 1x (paper's 12 alone: 111 s)
 fig1338() {
     name=$1; shift
     OMP_NUM_THREADS=1 python train.py --device=cpu --seed=1338 --max_iters=500 --lr_decay_iters=500 \
         --out_dir=out-form/fig5_s1338/$name "$@" > ${F}_s1338/$name.log 2>&1
     cp out-form/fig5_s1338/$name/log.jsonl ${F}_s1338/$name.jsonl
 }
-for m in 32 64 128 256; do
-    fig1338 paper_dense_m$m --formulation=paper --mixer=fm --n_slots=$m
-    fig1338 paper_k$((m/4))_m$m --formulation=paper --n_slots=$m --top_k=$((m/4))
-    fig1338 paper_k4_m$m --formulation=paper --n_slots=$m --top_k=4
+for FORM in paper derived; do
+    for m in 32 64 128 256; do
+        fig1338 ${FORM}_dense_m$m --formulation=$FORM --mixer=fm --n_slots=$m
+        fig1338 ${FORM}_k$((m/4))_m$m --formulation=$FORM --n_slots=$m --top_k=$((m/4))
+        fig1338 ${FORM}_k4_m$m --formulation=$FORM --n_slots=$m --top_k=4
+    done
 done
 python -m experiments.evaluate --out_dirs=$(ls -d out-form/fig5_s1338/* | paste -sd, -) --lengths=1 \
     --threads=2 --eval_tokens=1000000 --json=${F}_s1338/eval.json --table=${F}_s1338/eval.md --plot=
