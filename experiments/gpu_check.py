@@ -25,7 +25,7 @@ The plan, in three phases (--dry-run prints it with every command and budget):
             at twice the chunk); train.py at T = 1024 and 8192 for fm_sparse and attention; a
             torch.profiler table of fm_sparse's training step with its host syncs; the README's
             GPU quick start to its end for fm_sparse and attention; decode; then the summary
-            (train.json, quick.json)
+            (train.json, quick.json, targets.json)
 
 Each step runs under its own timeout; a step that fails or times out is recorded and the next one
 runs; a phase-2 step that the deadline no longer leaves room for is recorded as 'not reached'.
@@ -181,7 +181,7 @@ STEPS = [
          'sparse vs dense scan step as m grows at batch 64, GB/s of the rows each touches'),
     subcommand('summary', 2, 5, False,
                'tokens/s of the timed runs, fm_sparse / attention -> train.json; quick starts -> '
-               'quick.json'),
+               'quick.json; the scan and decode targets, the scan A/B -> targets.json'),
 ]
 
 
@@ -558,9 +558,51 @@ def quick_runs(train_dir):
     return dict(runs=out, command=f"python train.py {GPU_CONFIG} --mixer=M")
 
 
+def read_rows(res, name):
+    path = os.path.join(res, name)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return []
+
+
+def scan_and_decode_targets(res):
+    """Issues 20 and 23's other targets, and the A/B of the changes made on predictions, read off
+    scan_bf16.json, decode.json and decode_slots.json (what is missing is left out)."""
+    out = {}
+    scan = {r['impl']: r['fwd_bwd_ms'] for r in read_rows(res, 'scan_bf16.json') if 'impl' in r}
+    if 'triton' in scan and 'fla chunk_gla' in scan:
+        r = scan['triton'] / scan['fla chunk_gla']
+        out['scan_over_fla'] = dict(ratio=round(r, 3), target=0.8, met=r <= 0.8)
+    if 'triton' in scan:      # < 1: the variant is faster than what the code runs now
+        out['scan_variants_over_triton'] = {k: round(v / scan['triton'], 3) for k, v in scan.items()
+                                            if k.startswith('triton, ') and 'scalar' not in k}
+    ctx = {}
+    for r in read_rows(res, 'decode.json'):
+        if r.get('bench') == 'context':
+            ctx.setdefault(r['context'], {})[r['mixer']] = r['ms_per_token']
+    if ctx:
+        ok = lambda at: (at.get('fm_sparse', 1e9) <= 0.5 and
+                         all(at['fm_sparse'] < at.get(m, 1e9) for m in ('attention', 'mamba2')))
+        out['decode_batch1'] = dict(ms_per_token=ctx, target='fm_sparse <= 0.5 ms, below attention '
+                                    'and mamba2, at every context', met=all(map(ok, ctx.values())))
+    slots = {(r['mixer'], r['n_slots']): r for r in read_rows(res, 'decode.json') +
+             read_rows(res, 'decode_slots.json') if r.get('bench') == 'slots' and r['part'] == 'scan'}
+    if ('fm', 16384) in slots and ('fm_sparse', 16384) in slots:
+        dense, sparse = slots['fm', 16384], slots['fm_sparse', 16384]
+        r = dense['ms_per_token'] / sparse['ms_per_token']
+        batch = sparse.get('batch_size', 1)
+        out['sparse_step_speedup_m16384'] = dict(dense_over_sparse=round(r, 2), batch_size=batch,
+                                                 target='>= 4 at batch >= 32',
+                                                 met=r >= 4 and batch >= 32)
+    return out
+
+
 def summary(res):
     train_dir = os.path.join(res, 'train')
-    outs = {'train.json': timed_runs(train_dir), 'quick.json': quick_runs(train_dir)}
+    outs = {'train.json': timed_runs(train_dir), 'quick.json': quick_runs(train_dir),
+            'targets.json': scan_and_decode_targets(res)}
     for name, out in outs.items():
         with open(os.path.join(res, name), 'w') as f:
             json.dump(out, f, indent=1)

@@ -178,3 +178,17 @@ def test_summary_of_the_h200_logs(tmp_path):
     quick = json.loads((tmp_path / 'quick.json').read_text())['runs']
     assert quick['fm_sparse']['best_iter'] == 500 and quick['fm_sparse']['last_iter'] == 1000
     assert round(quick['fm_sparse']['best_val_loss'], 3) == 1.537 and 'attention' not in quick
+
+
+def test_targets_of_the_h200_run(tmp_path):
+    """targets.json from the H200 run's scan and decode rows: the issue's numbers (scan 1.23x
+    fla's time; fm_sparse 4.8-4.9 ms/token; the sparse step 0.5x the dense at m = 16384, batch 1)."""
+    for name in ('scan_bf16.json', 'decode.json'):
+        (tmp_path / name).write_bytes((H200.parent / name).read_bytes())
+    got = gpu_check.scan_and_decode_targets(str(tmp_path))
+    assert got['scan_over_fla']['ratio'] == 1.234 and got['scan_over_fla']['met'] is False
+    assert got['scan_variants_over_triton'] == {}          # the run had no variant rows
+    assert got['decode_batch1']['met'] is False
+    assert all(4.5 < at['fm_sparse'] < 5 for at in got['decode_batch1']['ms_per_token'].values())
+    speedup = got['sparse_step_speedup_m16384']
+    assert speedup['batch_size'] == 1 and speedup['met'] is False and speedup['dense_over_sparse'] < 1
