@@ -96,3 +96,9 @@ for FORM in paper derived; do
 done
 python -m experiments.evaluate --out_dirs=$(ls -d out-form/fig5_s1338/* | paste -sd, -) --lengths=1 \
     --threads=2 --eval_tokens=1000000 --json=${F}_s1338/eval.json --table=${F}_s1338/eval.md --plot=
+# looking inside the dense Fig. 5 models: the read's share on the slots a sparse twin keeps  (~20 s)
+python results/formulation/read_share.py out-form/fig5/paper_dense_m128 out-form/fig5/derived_dense_m128 \
+    out-form/fig5_s1338/paper_dense_m128 out-form/fig5_s1338/derived_dense_m128 \
+    out-form/fig5/paper_dense_m256 out-form/fig5/derived_dense_m256 \
+    out-form/fig5_s1338/paper_dense_m256 out-form/fig5_s1338/derived_dense_m256 \
+    out-form/fig5/paper_dense_m32 out-form/fig5/derived_dense_m32 > results/formulation/fig5_read_share.txt
