@@ -21,11 +21,11 @@ The plan, in three phases (--dry-run prints it with every command and budget):
             scans' JIT, and a 3-iteration torch.compile warm-up of every training shape phase 2
             times, which fills the on-disk inductor/Triton caches so that the timed runs do not
             compile
-    phase 2, one at a time, timed: the scan beside the peers (then ours on factored gates and
-            at twice the chunk); train.py at T = 1024 and 8192 for fm_sparse and attention; a
-            torch.profiler table of fm_sparse's training step with its host syncs; the README's
-            GPU quick start to its end for fm_sparse and attention; decode; then the summary
-            (train.json, quick.json, targets.json)
+    phase 2, one at a time, timed: the scan beside the peers (then ours on factored gates, at
+            twice the chunk, and with one reverse sweep); train.py at T = 1024 and 8192 for
+            fm_sparse and attention; a torch.profiler table of fm_sparse's training step with its
+            host syncs; the README's GPU quick start to its end for fm_sparse and attention;
+            decode; then the summary (train.json, quick.json, targets.json)
 
 Each step runs under its own timeout; a step that fails or times out is recorded and the next one
 runs; a phase-2 step that the deadline no longer leaves room for is recorded as 'not reached'.
@@ -159,13 +159,14 @@ STEPS = [
     autotune('fla chunk_gla', 'fla'), autotune('mamba_chunk_scan_combined', 'mamba'),
     Step('warm_scan', 1, PHASE1_WINDOW_S, True,
          f"{SCAN} --impls=triton,variants --repeats=1 --json={{res}}/warm_scan.json",
-         'our Triton scans once, untimed (per-head, factored, twice the chunk): their JIT, cached'),
+         'our Triton scans once, untimed (per-head and the variants): their JIT, cached'),
     *[warm(f"{m}_T{T}", f"{TRAIN} {train_args(m, T)}") for m, T in TIMED_SHAPES],
     *[warm(f"quick_{m}", quick_cmd(m)) for m in ('fm_sparse', 'attention')],
     Step('scan_bf16', 2, 40, True,
          f"{SCAN} --impls=ours,peers,variants --repeats=10 --json={{res}}/scan_bf16.json",
-         'our scan, the chunked PyTorch scan, fla chunk_gla and Mamba-2, then ours factored and at '
-         'twice the chunk; fwd and fwd+bwd, B=8 T=2048 H=8 M=P=64 (rows as they finish)'),
+         'our scan, the chunked PyTorch scan, fla chunk_gla and Mamba-2, then ours factored, at '
+         'twice the chunk and with one reverse sweep; fwd and fwd+bwd, B=8 T=2048 H=8 M=P=64 '
+         '(rows as they finish)'),
     *[timed_train(m, T) for m, T in TIMED_SHAPES],
     subcommand('profile_train', 2, 35, True,
                "torch.profiler table of fm_sparse's compiled training step (T=1024), host syncs"),
@@ -587,8 +588,9 @@ def scan_and_decode_targets(res):
                          all(at['fm_sparse'] < at.get(m, 1e9) for m in ('attention', 'mamba2')))
         out['decode_batch1'] = dict(ms_per_token=ctx, target='fm_sparse <= 0.5 ms, below attention '
                                     'and mamba2, at every context', met=all(map(ok, ctx.values())))
-    slots = {(r['mixer'], r['n_slots']): r for r in read_rows(res, 'decode.json') +
-             read_rows(res, 'decode_slots.json') if r.get('bench') == 'slots' and r['part'] == 'scan'}
+    rows = read_rows(res, 'decode.json') + read_rows(res, 'decode_slots.json')
+    slots = {(r['mixer'], r['n_slots']): r for r in rows
+             if r.get('bench') == 'slots' and r['part'] == 'scan'}
     if ('fm', 16384) in slots and ('fm_sparse', 16384) in slots:
         dense, sparse = slots['fm', 16384], slots['fm_sparse', 16384]
         r = dense['ms_per_token'] / sparse['ms_per_token']

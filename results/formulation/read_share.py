@@ -10,12 +10,11 @@ Chance, for a read unrelated to w, is 1/4."""
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.getcwd())
 import model as M  # noqa: E402
-from common import load_checkpoint, model_from_checkpoint  # noqa: E402
+from common import load_checkpoint, model_from_checkpoint, val_tokens  # noqa: E402
 
 seen = []                                       # (layer, Gates, r) of each FM layer's forward
 _inputs = M.RecurrentMixer.inputs
@@ -31,8 +30,7 @@ def shares(out_dir, windows=64):
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     model = model_from_checkpoint(ckpt, 'cpu', dropout=0.0).eval()
     T = model.config.block_size
-    val = np.fromfile(os.path.join('data', 'shakespeare_char', 'val.bin'), dtype=np.uint16)
-    idx = torch.from_numpy(val[:windows * T].astype(np.int64)).view(windows, T)
+    idx = torch.from_numpy(val_tokens(ckpt, prog='read_share.py')[:windows * T]).view(windows, T)
     seen.clear()
     M.RecurrentMixer.inputs = recording_inputs
     try:
